@@ -93,8 +93,8 @@ class DreamerConfig:
     min_std: float = 0.1               # std = softplus(x) + min_std for the latent Gaussians
     kl_loss_coeff: float = 1.0         # beta in Eq. (10)
     free_nats: float = 3.0             # KL below this many nats (batch mean) is not penalised
-    pcont: bool = False                # learn a discount head (the paper's early-termination test)
-    pcont_scale: float = 10.0          # weight of the discount log-likelihood
+    pred_discount: bool = False        # learn a discount head ("pcont" in the official code)
+    discount_scale: float = 10.0       # weight of its log-likelihood ("pcont_scale")
     model_learning_rate: float = 6e-4
     # --- Behaviour learning (Sec. 3)
     imagine_horizon: int = 15          # H, imagination steps
@@ -223,7 +223,8 @@ class DreamerConfig:
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(DreamerConfig)}
-ALIASES = {"collect_steps": "train_every", "embed_size": "obs_embed_size"}
+ALIASES = {"collect_steps": "train_every", "embed_size": "obs_embed_size",
+           "pcont": "pred_discount", "pcont_scale": "discount_scale"}
 
 
 def unknown_key_message(name: str) -> str:
@@ -282,7 +283,7 @@ CHECKS = {  # field: (check, what is allowed)
         "batch_size", "train_seq_len", "grad_clip", "adam_eps", "action_repeat", "time_limit",
         "train_every", "train_steps", "total_steps", "replay_capacity", "eval_every",
         "scalar_freq", "checkpoint_interval", "keep_checkpoints", "min_std", "actor_init_std",
-        "actor_mean_scale", "max_nonfinite_updates", "pcont_scale"]},
+        "actor_mean_scale", "max_nonfinite_updates", "discount_scale"]},
     **{name: (_nonnegative, ">= 0") for name in [
         "free_nats", "kl_loss_coeff", "actor_entropy", "actor_min_std", "action_noise",
         "weight_decay", "seed_steps", "pretrain_steps", "eval_episodes", "seed"]},
@@ -305,7 +306,7 @@ CHECKS = {  # field: (check, what is allowed)
 # paper uses one configuration for DMC; Atari follows the official code's discrete-action settings.
 PRESETS = {
     "dmc": {},
-    "atari": dict(action_repeat=4, time_limit=108_000, grayscale=True, pcont=True,
+    "atari": dict(action_repeat=4, time_limit=108_000, grayscale=True, pred_discount=True,
                   action_noise=0.4),  # epsilon-greedy exploration for one-hot actions
     "default": dict(action_repeat=1, time_limit=1000),  # gym, mujoco and the rest
 }
@@ -716,13 +717,13 @@ class Dreamer(nn.Module):
         else:
             self.decoder = MLP(feat_size, obs_shape[0], 4, cfg.num_units, act)
         self.reward = MLP(feat_size, 1, 2, cfg.num_units, act)         # reward model q(r_t | s_t)
-        self.pcont = MLP(feat_size, 1, 3, cfg.num_units, act) if cfg.pcont else None
+        self.discount_head = MLP(feat_size, 1, 3, cfg.num_units, act) if cfg.pred_discount else None
         self.actor = Actor(feat_size, action_size, discrete, cfg, act)
         self.value = MLP(feat_size, 1, 3, cfg.num_units, act)          # value model v_psi(s_t)
 
     @property
     def world_model(self) -> list[nn.Module]:
-        return [m for m in (self.encoder, self.rssm, self.decoder, self.reward, self.pcont) if m]
+        return [m for m in (self.encoder, self.rssm, self.decoder, self.reward, self.discount_head) if m]
 
     # --- Observation preprocessing: images x / 255 - 0.5, as in the official code
     def preprocess(self, obs: torch.Tensor) -> torch.Tensor:
@@ -745,12 +746,12 @@ class Dreamer(nn.Module):
         kl_term, kl_value = kl_loss(post, prior, cfg.free_nats, cfg.kl_loss_coeff)   # J_D, Eq. (10)
         loss = kl_term - obs_like - reward_like
         metrics = dict(obs_loss=-obs_like, reward_loss=-reward_like, kl=kl_value)
-        if self.pcont is not None:  # discount model: Bernoulli log-likelihood of gamma * (1 - done)
+        if self.discount_head is not None:  # Bernoulli log-likelihood of gamma * (1 - terminal)
             target = cfg.discount * batch["discount"]
-            pcont_like = -F.binary_cross_entropy_with_logits(
-                self.pcont(feat).float().squeeze(-1), target)
-            loss = loss - cfg.pcont_scale * pcont_like
-            metrics["pcont_loss"] = -pcont_like
+            discount_like = -F.binary_cross_entropy_with_logits(
+                self.discount_head(feat).float().squeeze(-1), target)
+            loss = loss - cfg.discount_scale * discount_like
+            metrics["discount_loss"] = -discount_like
         metrics["model_loss"] = loss
         return loss, post, metrics
 
@@ -760,30 +761,30 @@ class Dreamer(nn.Module):
         start = {k: v.detach().reshape(-1, v.shape[-1]) for k, v in post.items()}
         feat, action = self.rssm.imagine(start, self.actor, self.cfg.imagine_horizon)
         reward = self.reward(feat).float().squeeze(-1)
-        if self.pcont is not None:
-            discount = torch.sigmoid(self.pcont(feat).float().squeeze(-1))
+        if self.discount_head is not None:
+            discount = torch.sigmoid(self.discount_head(feat).float().squeeze(-1))
         else:
             discount = torch.full_like(reward, self.cfg.discount)
         return feat, action, reward, discount
 
     def actor_loss(self, feat, action, reward, discount):
         """Eq. (7): maximise the lambda-returns of imagined trajectories. feat (H+1, N, F) holds
-        the start state s_0 and the imagined s_1..s_H; V1 values the imagined states only, as the
-        official code does, so returns[t] belongs to s_{t+1} and to the action taken in s_t.
-        Returns (loss, returns (H-1, N), weights (H-1, N))."""
+        the start s_0 and the imagined s_1..s_H; returns[t] (t < H) is V_lambda of s_t. V1 learns
+        from the imagined states s_1..s_{H-1} only, as the official code does.
+        Returns (loss, returns (H, N), weights (H-1, N), mean entropy)."""
         cfg = self.cfg
-        value = self.value(feat[1:]).float().squeeze(-1)
-        returns = lambda_return(reward[1:-1], value[:-1], discount[1:-1], value[-1],
+        value = self.value(feat).float().squeeze(-1)
+        returns = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1],
                                 cfg.td_lambda)                                         # Eq. (6)
-        # Trajectory weights: the product of earlier discounts (1 for the first state).
+        # Trajectory weights: the product of the discounts before each state (stop-gradient).
         weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[1:-2]]), 0).detach()
-        objective = returns                                           # dynamics backprop, Eq. (7)
-        policy = self.actor(feat[:-2].detach())                       # pi(. | s_t), t = 0..H-2
+        policy = self.actor(feat[:-2].detach())           # pi(. | s_t) chose the step to s_{t+1}
+        objective = returns[1:]                                       # dynamics backprop, Eq. (7)
         if cfg.actor_grad != "dynamics":  # the seed page's REINFORCE, the value as baseline
-            advantage = (returns - self.value(feat[:-2]).float().squeeze(-1)).detach()
+            advantage = (returns[1:] - value[:-2]).detach()
             reinforce = policy.log_prob(action[1:-1].detach()) * advantage
             mix = cfg.actor_grad_mix if cfg.actor_grad == "both" else 0.0
-            objective = mix * returns + (1 - mix) * reinforce
+            objective = mix * returns[1:] + (1 - mix) * reinforce
         entropy = policy.entropy()
         objective = objective + cfg.actor_entropy * entropy           # the seed's eta * H[pi]
         return -(weights * objective).mean(), returns, weights, entropy.mean()
@@ -791,7 +792,7 @@ class Dreamer(nn.Module):
     def value_loss(self, feat, returns, weights):
         """Eq. (8): regress v_psi(s_tau) onto the lambda-returns (targets and states detached)."""
         value = self.value(feat[1:-1].detach()).float().squeeze(-1)
-        return (weights * 0.5 * (value - returns.detach()) ** 2).mean()
+        return (weights * 0.5 * (value - returns[1:].detach()) ** 2).mean()
 
     # --- Acting (one environment step)
     @torch.no_grad()
@@ -828,7 +829,8 @@ class Dreamer(nn.Module):
 
     def summary(self) -> dict:
         parts = dict(encoder=self.encoder, rssm=self.rssm, decoder=self.decoder,
-                     reward=self.reward, pcont=self.pcont, actor=self.actor, value=self.value)
+                     reward=self.reward, discount=self.discount_head, actor=self.actor,
+                     value=self.value)
         counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if m}
         return dict(algo=self.cfg.algo, env=self.cfg.env_name, parameters=counts,
                     total_parameters=self.parameter_count())
