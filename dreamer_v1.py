@@ -1429,7 +1429,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(DreamerConfig):
         parser.add_argument(f"--{f.name}", default=None, metavar=f.type.upper(),
                             help=f"default: {f.default!r}")
-    parser.add_argument("--collect_steps", dest="train_every", default=None, help="= --train_every")
+    for alias, name in ALIASES.items():      # the seed page's and the official code's names
+        parser.add_argument(f"--{alias}", dest=name, default=None, help=f"= --{name}")
     return parser
 
 
