@@ -375,26 +375,34 @@ class TanhNormal:
 
 
 class TruncNormal:
-    """Normal(mean, std) truncated to [-1, 1] (DreamerV2's continuous actor); samples by clamping
-    with straight-through gradients, as the official implementation does."""
+    """Normal(mean, std) truncated to [-1, 1] per dimension (DreamerV2's continuous actor).
+    Reparameterised sampling by the inverse CDF; entropy in closed form."""
 
     def __init__(self, mean, std):
         self.mean, self.std = mean.float(), std.float()
         self.normal = torch.distributions.Normal(self.mean, self.std)
+        self.cdf_lo = self.normal.cdf(torch.full_like(self.mean, -1.0))
+        self.cdf_hi = self.normal.cdf(torch.ones_like(self.mean))
+        self.mass = (self.cdf_hi - self.cdf_lo).clamp_min(1e-8)   # Z = Phi(beta) - Phi(alpha)
 
-    def rsample(self):
-        sample = self.normal.rsample()
-        return sample + (sample.clamp(-1, 1) - sample).detach()
+    def rsample(self, shape=()):
+        u = torch.rand(torch.Size(shape) + self.mean.shape, device=self.mean.device)
+        u = (self.cdf_lo + u * self.mass).clamp(1e-6, 1 - 1e-6)
+        return self.normal.icdf(u).clamp(-1 + 1e-6, 1 - 1e-6)
 
     def mode(self):
         return self.mean.clamp(-1, 1)
 
     def log_prob(self, action):
-        lo, hi = self.normal.cdf(torch.full_like(self.mean, -1.0)), self.normal.cdf(torch.ones_like(self.mean))
-        return (self.normal.log_prob(action) - torch.log((hi - lo).clamp_min(1e-8))).sum(-1)
+        return (self.normal.log_prob(action) - torch.log(self.mass)).sum(-1)
 
     def entropy(self):
-        return self.normal.entropy().sum(-1)   # an upper bound, used only as a regulariser
+        # H = log(sqrt(2 pi e) sigma Z) + (alpha phi(alpha) - beta phi(beta)) / (2 Z)
+        alpha, beta = (-1 - self.mean) / self.std, (1 - self.mean) / self.std
+        phi = lambda x: torch.exp(-0.5 * x ** 2) / math.sqrt(2 * math.pi)  # noqa: E731
+        entropy = (0.5 * math.log(2 * math.pi * math.e) + torch.log(self.std * self.mass)
+                   + (alpha * phi(alpha) - beta * phi(beta)) / (2 * self.mass))
+        return entropy.sum(-1)
 
 
 def gaussian_log_prob(x, mean):
@@ -580,9 +588,9 @@ def kl_loss(post: dict, prior: dict, free_nats: float = 3.0, scale: float = 1.0)
     """KL(post || prior) of the Gaussian latents (J_D in Eq. 10), summed over latent dims and
     averaged over time and batch, then clipped from below at `free_nats`: `max(mean KL, free)`.
     Below the threshold the gradient is zero, so the model is free to use that much information.
-    Returns (scale * clipped value, unclipped mean KL)."""
+    post, prior: RSSM states (any leading dims). Returns (scale * clipped value, {"kl": mean KL})."""
     kl = torch.distributions.kl_divergence(RSSM.dist(post), RSSM.dist(prior)).mean()
-    return scale * torch.clamp(kl, min=free_nats), kl
+    return scale * torch.clamp(kl, min=free_nats), dict(kl=kl)
 
 
 def lambda_return(reward, value, discount, bootstrap, lambda_: float):
@@ -743,9 +751,9 @@ class Dreamer(nn.Module):
         obs_like = gaussian_log_prob(obs, self.decoder(feat).float()).mean()          # J_O, Eq. (10)
         reward_like = gaussian_log_prob(batch["reward"][..., None],
                                         self.reward(feat).float()).mean()             # J_R, Eq. (10)
-        kl_term, kl_value = kl_loss(post, prior, cfg.free_nats, cfg.kl_loss_coeff)   # J_D, Eq. (10)
+        kl_term, kl_metrics = kl_loss(post, prior, cfg.free_nats, cfg.kl_loss_coeff)  # J_D, Eq. (10)
         loss = kl_term - obs_like - reward_like
-        metrics = dict(obs_loss=-obs_like, reward_loss=-reward_like, kl=kl_value)
+        metrics = dict(obs_loss=-obs_like, reward_loss=-reward_like, **kl_metrics)
         if self.discount_head is not None:  # Bernoulli log-likelihood of gamma * (1 - terminal)
             target = cfg.discount * batch["discount"]
             discount_like = -F.binary_cross_entropy_with_logits(
@@ -758,7 +766,7 @@ class Dreamer(nn.Module):
     # --- Behaviour learning in imagination (Sec. 3)
     def imagine(self, post: dict):
         """Imagination starts from every posterior state of the batch (T*B starts)."""
-        start = {k: v.detach().reshape(-1, v.shape[-1]) for k, v in post.items()}
+        start = {k: v.detach().flatten(0, 1) for k, v in post.items()}
         feat, action = self.rssm.imagine(start, self.actor, self.cfg.imagine_horizon)
         reward = self.reward(feat).float().squeeze(-1)
         if self.discount_head is not None:
@@ -825,7 +833,7 @@ class Dreamer(nn.Module):
 
     # --- The seed page's convenience API
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def summary(self) -> dict:
         parts = dict(encoder=self.encoder, rssm=self.rssm, decoder=self.decoder,
