@@ -75,7 +75,7 @@ class DreamerConfig:
     env_backend: str = ""              # "dmc", "atari", "gym", ...; read from `env` when empty
     obs: str = "pixels"                # "pixels" (64x64 images) or "state" (vector observations)
     image_size: int = 64               # the conv stack is built for 64x64 (the seed's (64, 64))
-    action_repeat: int = 2             # env steps per agent step (Appendix A: 2 on DMC)
+    action_repeat: int = 2             # env steps per agent step (2 on DMC)
     time_limit: int = 1000             # episode length in env steps (DMC: 1000)
     grayscale: bool = False            # one-channel images (the atari preset turns it on)
     fast_render: bool = False          # DMC: no shadows/reflections; fast on CPU, not paper look
@@ -348,7 +348,7 @@ class OneHotDist:
 
 
 class TanhNormal:
-    """a = tanh(u), u ~ Normal(mean, std) per dimension (Eq. 3). The mode and the entropy have no
+    """a = tanh(u), u ~ Normal(mean, std) per dimension (DreamerV1 Eq. 3). The mode and the entropy have no
     closed form; as in the official code they are estimated from `samples` draws."""
 
     def __init__(self, mean, std, samples: int = 100):
@@ -411,7 +411,7 @@ def gaussian_log_prob(x, mean):
 
 
 # =================================================================================================
-# 3. Networks (Appendix A): conv encoder and transposed-conv decoder for 64x64 images, MLPs for
+# 3. Networks: conv encoder and transposed-conv decoder for 64x64 images, MLPs for
 #    vectors, reward / value / discount heads and the actor.
 # =================================================================================================
 
@@ -702,7 +702,7 @@ class ReplayBuffer:
 
 
 # =================================================================================================
-# 7. Dreamer: world model + actor + value, the update (Algorithm 1), the policy; DreamerAgent:
+# 7. Dreamer: world model + actor + value, the update (V1 paper, Algorithm 1), the policy; DreamerAgent:
 #    environment, replay, optimisers, the collect / train / evaluate loop, checkpoints.
 # =================================================================================================
 
@@ -963,7 +963,7 @@ class NonFiniteError(RuntimeError):
 
 
 class DreamerAgent:
-    """Environment, replay, model and optimisers, and the training loop of Algorithm 1."""
+    """Environment, replay, model and optimisers, and the training loop (V1 paper, Algorithm 1)."""
 
     def __init__(self, cfg: DreamerConfig, logdir=None, resume: bool = False):
         self.cfg = cfg = cfg.resolve()
@@ -1000,7 +1000,7 @@ class DreamerAgent:
         return torch.optim.AdamW(params, lr=lr, eps=self.cfg.adam_eps,
                                  weight_decay=self.cfg.weight_decay, **kwargs)
 
-    # --- The update: world model, then actor, then value (Algorithm 1, "dynamics learning" and
+    # --- The update: world model, then actor, then value (V1 paper, Algorithm 1: "dynamics learning" and
     #     "behaviour learning")
     def update(self, batch: dict) -> dict:
         d, cfg = self.dreamer, self.cfg
@@ -1072,7 +1072,7 @@ class DreamerAgent:
                 self.rng.integers(self.dreamer.action_size)]
         return self.rng.uniform(-1, 1, self.dreamer.action_size).astype(np.float32)
 
-    # --- Algorithm 1: prefill, then alternate collecting and training until total_steps
+    # --- V1 paper, Algorithm 1: prefill, then alternate collecting and training until total_steps
     def train(self) -> dict:
         cfg, c = self.cfg, self.counters
         with self.stop_on_signals():

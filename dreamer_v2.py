@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
+import copy  # V2: the slow critic is a copy of the critic
 import difflib
 import io
 import json
@@ -74,12 +74,12 @@ class CheckpointError(ValueError):
 @dataclass(init=False)
 class DreamerConfig:
     # --- Algorithm and environment
-    algo: str = "Dreamerv2"            # this file's variant; other values are refused
+    algo: str = "Dreamerv2"            # V2: this file's variant; other values are refused
     env: str = "dmc/walker-walk"       # "backend/task" (or the task alone with env_backend)
     env_backend: str = ""              # "dmc", "atari", "gym", ...; read from `env` when empty
     obs: str = "pixels"                # "pixels" (64x64 images) or "state" (vector observations)
     image_size: int = 64               # the conv stack is built for 64x64 (the seed's (64, 64))
-    action_repeat: int = 2             # env steps per agent step (Appendix A: 2 on DMC)
+    action_repeat: int = 2             # env steps per agent step (2 on DMC)
     time_limit: int = 1000             # episode length in env steps (DMC: 1000)
     grayscale: bool = False            # one-channel images (the atari preset turns it on)
     fast_render: bool = False          # DMC: no shadows/reflections; fast on CPU, not paper look
@@ -297,7 +297,7 @@ CHECKS = {  # field: (check, what is allowed)
         "batch_size", "train_seq_len", "grad_clip", "adam_eps", "action_repeat", "time_limit",
         "num_categories", "slow_target_update", "twohot_bins",  # V2
         "train_every", "train_steps", "total_steps", "replay_capacity", "eval_every",
-        "scalar_freq", "checkpoint_interval", "keep_checkpoints", "actor_init_std",
+        "scalar_freq", "checkpoint_interval", "keep_checkpoints", "actor_init_std",  # V2: no min_std
         "actor_mean_scale", "max_nonfinite_updates", "discount_scale"]},
     **{name: (_nonnegative, ">= 0") for name in [
         "free_nats", "kl_loss_coeff", "actor_entropy", "actor_min_std", "action_noise",
@@ -313,7 +313,7 @@ CHECKS = {  # field: (check, what is allowed)
     "obs": (lambda v: v in ("pixels", "state"), "'pixels' or 'state'"),
     "image_size": (lambda v: v == 64, "64 (the conv stack is built for 64x64 images)"),
     "act": (lambda v: v in ACTIVATIONS, " | ".join(ACTIVATIONS)),
-    "actor_grad": (lambda v: v in ("auto", "dynamics", "reinforce", "both"),
+    "actor_grad": (lambda v: v in ("auto", "dynamics", "reinforce", "both"),  # V2: auto
                    "'auto', 'dynamics', 'reinforce' or 'both'"),
     "actor_dist": (lambda v: v in ("tanh_normal", "trunc_normal"), "'tanh_normal' or 'trunc_normal'"),
     "precision": (lambda v: v in (16, 32), "16 or 32"),
@@ -327,7 +327,7 @@ CHECKS = {  # field: (check, what is allowed)
 # defaults with action repeat 1 and the env's own time limit is capped at 1000 steps.
 PRESETS = {
     "dmc": {},
-    "atari": dict(action_repeat=4, time_limit=108_000, grayscale=True, deter_size=600,
+    "atari": dict(action_repeat=4, time_limit=108_000, grayscale=True, deter_size=600,  # V2
                   hidden_size=600, pred_discount=True, discount_scale=5.0, kl_loss_coeff=0.1,
                   free_nats=0.0, discount=0.999, clip_rewards="tanh", model_learning_rate=2e-4,
                   actor_learning_rate=4e-5, value_learning_rate=1e-4, actor_entropy=1e-3,
@@ -373,7 +373,7 @@ class OneHotDist:
 
 
 class TanhNormal:
-    """a = tanh(u), u ~ Normal(mean, std) per dimension (Eq. 3). The mode and the entropy have no
+    """a = tanh(u), u ~ Normal(mean, std) per dimension (DreamerV1 Eq. 3). The mode and the entropy have no
     closed form; as in the official code they are estimated from `samples` draws."""
 
     def __init__(self, mean, std, samples: int = 100):
@@ -466,7 +466,7 @@ def gaussian_log_prob(x, mean):
 
 
 # =================================================================================================
-# 3. Networks (Appendix A): conv encoder and transposed-conv decoder for 64x64 images, MLPs for
+# 3. Networks: conv encoder and transposed-conv decoder for 64x64 images, MLPs for
 #    vectors, reward / value / discount heads and the actor.
 # =================================================================================================
 
@@ -515,7 +515,7 @@ class MLP(nn.Module):
     """`layers` hidden Dense layers of `units` with activation, then a linear output layer."""
 
     def __init__(self, in_size: int, out_size: int, layers: int, units: int, act=nn.ELU,
-                 norm: str = "none"):
+                 norm: str = "none"):                        # V2: LayerNorm option
         super().__init__()
         net = []
         for _ in range(layers):
@@ -536,7 +536,7 @@ class Actor(nn.Module):
         super().__init__()
         self.discrete, self.cfg = discrete, cfg
         out = action_size if discrete else 2 * action_size
-        self.net = MLP(feat_size, out, 4, cfg.num_units, act, cfg.norm)
+        self.net = MLP(feat_size, out, 4, cfg.num_units, act, cfg.norm)  # V2: norm option
         self.raw_init_std = math.log(math.exp(cfg.actor_init_std) - 1)   # softplus^-1(init_std)
 
     def forward(self, feat):
@@ -545,7 +545,7 @@ class Actor(nn.Module):
             return OneHotDist(x)
         mean, std = x.chunk(2, -1)
         if self.cfg.actor_dist == "trunc_normal":
-            return TruncNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + self.cfg.actor_min_std)
+            return TruncNormal(torch.tanh(mean), 2 * torch.sigmoid(std / 2) + self.cfg.actor_min_std)  # V2
         scale = self.cfg.actor_mean_scale
         mean = scale * torch.tanh(mean / scale)
         std = F.softplus(std + self.raw_init_std) + self.cfg.actor_min_std
@@ -554,7 +554,7 @@ class Actor(nn.Module):
 
 # =================================================================================================
 # 4. RSSM, the recurrent state-space model (Sec. 2.1, Eq. 1). The state is a dict of tensors:
-#    deter h_t (GRU), stoch z_t (sampled, flattened one-hots) and the categoricals' logits.
+#    deter h_t (GRU), stoch z_t (V2: sampled, flattened one-hots) and the categoricals' logits.
 # =================================================================================================
 
 class GRUCell(nn.Module):
@@ -579,7 +579,7 @@ class RSSM(nn.Module):
         super().__init__()
         stoch, deter, hidden = cfg.stoch_size * cfg.num_categories, cfg.deter_size, cfg.hidden_size
         self.categories, self.classes, self.unimix = cfg.num_categories, cfg.stoch_size, cfg.unimix
-        self.act = act()
+        self.act = act()                                           # V2: no Gaussian min_std
         self.img_in = nn.Linear(stoch + action_size, hidden)
         self.cell = GRUCell(hidden, deter)                         # V2: layer-normed GRU (Sec. 2.1)
         self.img_out = nn.Linear(deter, hidden)
@@ -601,7 +601,7 @@ class RSSM(nn.Module):
     @staticmethod
     def dist(state):  # V2: 32 independent categoricals (Sec. 2.1)
         return torch.distributions.Independent(
-            torch.distributions.OneHotCategorical(logits=state["logits"].float()), 1)
+            torch.distributions.OneHotCategorical(logits=state["logits"].float()), 1)  # V2
 
     def _stats(self, x) -> dict:
         """V2: categorical latents sampled with straight-through gradients (Algorithm 1)."""
@@ -613,14 +613,14 @@ class RSSM(nn.Module):
         return dict(logits=logits, stoch=stoch)
 
     def img_step(self, prev_state: dict, prev_action: torch.Tensor) -> dict:
-        """Transition predictor p(z_t | h_t) (Eq. 1), after the recurrent model h_t."""
+        """V2: transition predictor p(z_t | h_t) (Eq. 1), after the recurrent model h_t."""
         x = self.act(self.img_in(torch.cat([prev_state["stoch"], prev_action], -1)))
-        deter = self.cell(x, prev_state["deter"])              # h_t = f(h_{t-1}, z_{t-1}, a_{t-1})
+        deter = self.cell(x, prev_state["deter"])     # V2 notation: h_t = f(h_{t-1}, z_{t-1}, a_{t-1})
         stats = self._stats(self.prior_head(self.act(self.img_out(deter))))
         return dict(**stats, deter=deter)
 
     def obs_step(self, prev_state: dict, prev_action, embed) -> tuple[dict, dict]:
-        """Representation model q(z_t | h_t, x_t) (Eq. 1): the prior's h_t plus the observation
+        """V2: representation model q(z_t | h_t, x_t) (Eq. 1): the prior's h_t plus the observation
         embedding e_t. Returns (posterior, prior)."""
         prior = self.img_step(prev_state, prev_action)
         x = self.act(self.obs_out(torch.cat([prior["deter"], embed], -1)))
@@ -639,7 +639,7 @@ class RSSM(nn.Module):
         return stack_states(posts), stack_states(priors)
 
     def imagine(self, start: dict, actor: nn.Module, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent imagination (Sec. 2.2): roll the transition model forward `horizon` steps with
+        """Latent imagination (V2 Sec. 2.2): roll the transition model forward `horizon` steps with
         actions from the actor. start: states with tensors (N, ...). Returns feats (H+1, N, F),
         the start included, and actions (H+1, N, A) where actions[t] led to feats[t] (zeros first).
         The actor sees detached features; its sampled actions carry gradients into the dynamics."""
@@ -658,7 +658,7 @@ def stack_states(states: list[dict]) -> dict:
 
 
 # =================================================================================================
-# 5. Losses. World model: Eq. (2) with KL balancing (Algorithm 2). Behaviour: lambda-returns
+# 5. Losses. V2 world model: Eq. (2) with KL balancing (Algorithm 2). Behaviour: lambda-returns
 #    Eq. (4), critic Eq. (5), actor Eq. (6).
 # =================================================================================================
 
@@ -685,7 +685,7 @@ def kl_loss(post: dict, prior: dict, free_nats: float = 0.0, scale: float = 1.0,
 
 
 def lambda_return(reward, value, discount, bootstrap, lambda_: float):
-    """V^lambda (Eq. 4) by its recursion, time-major: reward, value, discount (T, B); bootstrap (B).
+    """V^lambda (V2 Eq. 4) by its recursion, time-major: reward, value, discount (T, B); bootstrap (B).
 
         G_t = r_t + gamma_t * ((1 - lambda) * v_{t+1} + lambda * G_{t+1}),  v_T = G_T = bootstrap
 
@@ -746,11 +746,11 @@ class ReplayBuffer:
     """Episodes in memory and on disk, oldest dropped (from both) above `capacity` steps."""
 
     def __init__(self, directory, capacity: int, seq_len: int, rng: np.random.Generator,
-                 prioritize_ends: bool = False):
+                 prioritize_ends: bool = False):                       # V2: prioritize_ends
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.capacity, self.seq_len, self.rng = capacity, seq_len, rng
-        self.prioritize_ends = prioritize_ends
+        self.prioritize_ends = prioritize_ends                            # V2
         self.episodes: dict[str, dict] = {}                     # file name -> arrays, oldest first
         for path in sorted(self.directory.glob("*.npz")):
             episode = load_episode(path)
@@ -798,7 +798,7 @@ class ReplayBuffer:
 
 
 # =================================================================================================
-# 7. Dreamer: world model + actor + value, the update (Algorithm 1), the policy; DreamerAgent:
+# 7. Dreamer: world model + actor + value, the update (V1 paper, Algorithm 1), the policy; DreamerAgent:
 #    environment, replay, optimisers, the collect / train / evaluate loop, checkpoints.
 # =================================================================================================
 
@@ -882,8 +882,8 @@ class Dreamer(nn.Module):
         metrics["model_loss"] = loss
         return loss, post, metrics
 
-    # --- Behaviour learning in imagination (Sec. 2.2)
-    def imagine(self, post: dict, start_discount):
+    # --- Behaviour learning in imagination (V2 Sec. 2.2)
+    def imagine(self, post: dict, start_discount):       # V2: start_discount from replay
         """Imagination starts from every posterior state of the batch (T*B starts)."""
         start = {k: v.detach().flatten(0, 1) for k, v in post.items()}
         feat, action = self.rssm.imagine(start, self.actor, self.cfg.imagine_horizon)
@@ -897,13 +897,13 @@ class Dreamer(nn.Module):
         return feat, action, reward, discount
 
     def actor_loss(self, feat, action, reward, discount):
-        """Eq. (6): maximise the lambda-returns of imagined trajectories. feat (H+1, N, F) holds
+        """V2 Eq. (6): maximise the lambda-returns of imagined trajectories. feat (H+1, N, F) holds
         the start z_0 and the imagined z_1..z_H; returns[t] (t < H) is V^lambda of z_t.
         Returns (loss, returns (H, N), weights (H+1, N), mean entropy)."""
         cfg = self.cfg
         value = self.slow_value(feat).float().squeeze(-1)         # V2: targets from the slow critic
         returns = lambda_return(reward[:-1], value[:-1], discount[:-1], value[-1],
-                                cfg.td_lambda)                                         # Eq. (4)
+                                cfg.td_lambda)                                      # V2 Eq. (4)
         # Trajectory weights: the product of the discounts before each state (stop-gradient).
         # V2: from the start state on, so a terminal start (discount 0) silences the whole rollout.
         weights = torch.cumprod(torch.cat([torch.ones_like(discount[:1]), discount[:-1]]), 0).detach()
@@ -912,7 +912,7 @@ class Dreamer(nn.Module):
         if self.actor_grad != "dynamics":  # V2: REINFORCE, the slow critic as baseline, Eq. (6)
             advantage = (returns[1:] - value[:-2]).detach()
             reinforce = policy.log_prob(action[1:-1].detach()) * advantage
-            mix = cfg.actor_grad_mix if self.actor_grad == "both" else 0.0   # mix = 1 - rho
+            mix = cfg.actor_grad_mix if self.actor_grad == "both" else 0.0   # V2: mix = 1 - rho
             objective = mix * returns[1:] + (1 - mix) * reinforce
         entropy = policy.entropy()
         objective = objective + cfg.actor_entropy * entropy           # V2: eta H[a_t|z_t], Eq. (6)
@@ -1084,7 +1084,7 @@ class NonFiniteError(RuntimeError):
 
 
 class DreamerAgent:
-    """Environment, replay, model and optimisers, and the training loop of Algorithm 1."""
+    """Environment, replay, model and optimisers, and the training loop (V1 paper, Algorithm 1)."""
 
     def __init__(self, cfg: DreamerConfig, logdir=None, resume: bool = False):
         self.cfg = cfg = cfg.resolve()
@@ -1121,7 +1121,7 @@ class DreamerAgent:
         return torch.optim.AdamW(params, lr=lr, eps=self.cfg.adam_eps,
                                  weight_decay=self.cfg.weight_decay, **kwargs)
 
-    # --- The update: world model, then actor, then value (Algorithm 1, "dynamics learning" and
+    # --- The update: world model, then actor, then value (V1 paper, Algorithm 1: "dynamics learning" and
     #     "behaviour learning")
     def update(self, batch: dict) -> dict:
         d, cfg = self.dreamer, self.cfg
@@ -1195,7 +1195,7 @@ class DreamerAgent:
                 self.rng.integers(self.dreamer.action_size)]
         return self.rng.uniform(-1, 1, self.dreamer.action_size).astype(np.float32)
 
-    # --- Algorithm 1: prefill, then alternate collecting and training until total_steps
+    # --- V1 paper, Algorithm 1: prefill, then alternate collecting and training until total_steps
     def train(self) -> dict:
         cfg, c = self.cfg, self.counters
         with self.stop_on_signals():
