@@ -1202,6 +1202,8 @@ class DreamerAgent:
             while c["env_steps"] < cfg.total_steps and not self._stop_signal:
                 self.run_episode()
             self.save_checkpoint()
+        self.logger.write(c["env_steps"])
+        plot_curves(self.logdir)
         if self._stop_signal:
             print(f"stopped by {self._stop_signal} at env step {c['env_steps']}; checkpoint saved. "
                   f"Continue with: python {Path(__file__).name} --resume {self.logdir}")
@@ -1282,6 +1284,7 @@ class DreamerAgent:
             if done:
                 returns.append(score)
         c["evals"] += 1
+        plot_curves(self.logdir)                # the curves so far, redrawn at each evaluation
         if not returns:
             return float("nan")
         mean = float(np.mean(returns))
@@ -1476,7 +1479,6 @@ class Logger:
                 self.tb.add_scalar(k, v, step)
         if self.wandb:
             self.wandb.log(record, step=step)
-        plot_curves(self.logdir)
         return record
 
     @torch.no_grad()
