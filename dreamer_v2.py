@@ -1460,7 +1460,9 @@ class Logger:
     def scalar(self, name: str, value: float) -> None:
         self.values.setdefault(name, []).append(float(value))
 
-    def write(self, step: int) -> dict:
+    def write(self, step: int) -> dict | None:
+        if not self.values:
+            return None
         now = time.time()
         if self.start_step is None:
             self.start_step = step
