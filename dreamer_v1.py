@@ -802,6 +802,18 @@ class Dreamer(nn.Module):
         value = self.value(feat[1:-1].detach()).float().squeeze(-1)
         return (weights * 0.5 * (value - returns[1:].detach()) ** 2).mean()
 
+    # --- One update's forward pass
+    def losses(self, batch: dict):
+        """World-model, actor and value losses from one forward pass, as the official code
+        computes them. batch: time-major tensors (T, B, ...). Returns (losses, metrics)."""
+        model_loss, post, metrics = self.world_model_loss(batch)
+        feat, action, reward, discount = self.imagine(post)
+        actor_loss, returns, weights, entropy = self.actor_loss(feat, action, reward, discount)
+        value_loss = self.value_loss(feat, returns, weights)
+        metrics.update(actor_loss=actor_loss, value_loss=value_loss, actor_entropy=entropy,
+                       imag_return=returns.mean(), imag_reward=reward.mean())
+        return dict(model=model_loss, actor=actor_loss, value=value_loss), metrics
+
     # --- Acting (one environment step)
     @torch.no_grad()
     def policy_step(self, obs: torch.Tensor, state, explore: bool):
@@ -943,21 +955,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@contextlib.contextmanager
-def frozen(modules):
-    """Stop parameter gradients of `modules` while still backpropagating through them
-    (the actor's gradient flows through the dynamics, but only the actor is updated)."""
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
 class NonFiniteError(RuntimeError):
     """Too many consecutive updates with NaN/Inf losses or gradients."""
 
@@ -989,7 +986,7 @@ class DreamerAgent:
                              nonfinite_updates=0, consecutive_nonfinite=0)
         self.best_eval = -math.inf
         self.logger = Logger(self.logdir, cfg)
-        self._update = torch.compile(self.update) if cfg.compile else self.update
+        self._losses = torch.compile(self.dreamer.losses) if cfg.compile else self.dreamer.losses
         self._stop_signal = None
         if resume:
             self.load_checkpoint(latest_checkpoint(self.logdir))
@@ -1003,21 +1000,14 @@ class DreamerAgent:
     # --- The update: world model, then actor, then value (V1 paper, Algorithm 1: "dynamics learning" and
     #     "behaviour learning")
     def update(self, batch: dict) -> dict:
-        d, cfg = self.dreamer, self.cfg
+        d = self.dreamer
         with self.autocast():
-            model_loss, post, metrics = d.world_model_loss(batch)
-        with frozen(d.world_model + [d.value]), self.autocast():
-            feat, action, reward, discount = d.imagine(post)
-            actor_loss, returns, weights, entropy = d.actor_loss(feat, action, reward, discount)
-        # The actor's graph reads the world-model weights, so it steps before they change (the
-        # official code, too, computes all three gradients from the same forward pass).
-        finite = [self.optimize("actor", actor_loss, [d.actor])]
-        finite.append(self.optimize("model", model_loss, d.world_model))
-        with self.autocast():
-            value_loss = d.value_loss(feat, returns, weights)
-        finite.append(self.optimize("value", value_loss, [d.value]))
-        metrics.update(actor_loss=actor_loss, value_loss=value_loss, actor_entropy=entropy,
-                       imag_return=returns.mean(), imag_reward=reward.mean())
+            losses, metrics = self._losses(batch)
+        # Each optimiser steps only its own parameters. The actor's gradient runs back through
+        # the world model, so the world model steps last, after every graph that reads it.
+        finite = [self.optimize("actor", losses["actor"], [d.actor]),
+                  self.optimize("value", losses["value"], [d.value]),
+                  self.optimize("model", losses["model"], d.world_model)]
         metrics = {k: float(v.detach()) for k, v in metrics.items()}
         metrics["finite"] = float(all(finite))
         return metrics
@@ -1030,10 +1020,10 @@ class DreamerAgent:
         """One optimiser step with gradient-norm clipping. A NaN/Inf loss or gradient never
         reaches the weights: the step is skipped (and counted by the caller). Returns finite."""
         opt = self.optimizers[name]
+        params = [p for m in modules for p in m.parameters()]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = nn.utils.clip_grad_norm_([p for m in modules for p in m.parameters()],
-                                        self.cfg.grad_clip)
+        loss.backward(inputs=params)          # gradients for these parameters only
+        norm = nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         finite = bool(torch.isfinite(loss) & torch.isfinite(norm))
         if finite:
             opt.step()
@@ -1044,7 +1034,7 @@ class DreamerAgent:
         batch = self.replay.sample(self.cfg.batch_size)
         batch = {k: torch.as_tensor(v, device=self.device).transpose(0, 1)
                  for k, v in batch.items() if k in ("image", "state", "action", "reward", "discount")}
-        metrics = self._update(batch)
+        metrics = self.update(batch)
         self.counters["updates"] += 1
         if metrics.pop("finite"):
             self.counters["consecutive_nonfinite"] = 0
