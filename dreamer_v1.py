@@ -76,7 +76,7 @@ class DreamerConfig:
     obs: str = "pixels"                # "pixels" (64x64 images) or "state" (vector observations)
     image_size: int = 64               # the conv stack is built for 64x64 (the seed's (64, 64))
     action_repeat: int = 2             # env steps per agent step (2 on DMC)
-    time_limit: int = 1000             # episode length in env steps (DMC: 1000)
+    time_limit: int = 1000             # episode length in env steps (DMC: 1000; 0: the env's own)
     grayscale: bool = False            # one-channel images (the atari preset turns it on)
     fast_render: bool = False          # DMC: no shadows/reflections; fast on CPU, not paper look
     seed: int = 0                      # seeds torch, numpy, python and the environments
@@ -201,7 +201,8 @@ class DreamerConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def to_yaml(self, path) -> None:
-        atomic_write_bytes(path, yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
+        """The resolved config (preset applied), so that loading it back gives the same run."""
+        atomic_write_bytes(path, yaml.safe_dump(self.resolve().to_dict(), sort_keys=False).encode())
 
     @classmethod
     def from_dict(cls, values: dict) -> "DreamerConfig":
@@ -280,13 +281,13 @@ CHECKS = {  # field: (check, what is allowed)
     **{name: (_positive, "> 0") for name in [
         "stoch_size", "deter_size", "hidden_size", "obs_embed_size", "cnn_depth", "num_units",
         "model_learning_rate", "actor_learning_rate", "value_learning_rate", "imagine_horizon",
-        "batch_size", "train_seq_len", "grad_clip", "adam_eps", "action_repeat", "time_limit",
+        "batch_size", "train_seq_len", "grad_clip", "adam_eps", "action_repeat",
         "train_every", "train_steps", "total_steps", "replay_capacity", "eval_every",
         "scalar_freq", "checkpoint_interval", "keep_checkpoints", "min_std", "actor_init_std",
         "actor_mean_scale", "max_nonfinite_updates", "discount_scale"]},
     **{name: (_nonnegative, ">= 0") for name in [
         "free_nats", "kl_loss_coeff", "actor_entropy", "actor_min_std", "action_noise",
-        "weight_decay", "seed_steps", "pretrain_steps", "eval_episodes", "seed"]},
+        "weight_decay", "seed_steps", "pretrain_steps", "eval_episodes", "seed", "time_limit"]},
     "discount": (lambda v: 0 < v <= 1, "0 < discount <= 1"),
     "td_lambda": (_unit, "0 <= td_lambda <= 1"),
     "actor_grad_mix": (_unit, "0 <= actor_grad_mix <= 1"),
@@ -308,7 +309,7 @@ PRESETS = {
     "dmc": {},
     "atari": dict(action_repeat=4, time_limit=108_000, grayscale=True, pred_discount=True,
                   action_noise=0.4),  # epsilon-greedy exploration for one-hot actions
-    "default": dict(action_repeat=1, time_limit=1000),  # gym, mujoco and the rest
+    "default": dict(action_repeat=1, time_limit=0),  # gym, mujoco, ...: the env's own limit
 }
 
 
@@ -325,7 +326,7 @@ def straight_through_sample(logits: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(logits, -1)
     index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
     sample = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
-    return sample + probs - probs.detach()
+    return sample + (probs - probs.detach())          # exactly one-hot forward
 
 
 class OneHotDist:
@@ -894,7 +895,8 @@ def safe_torch_load(file, map_location="cpu") -> dict:
     try:
         data = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - damaged, truncated or malicious
-        raise CheckpointError(f"cannot load checkpoint '{file}': {str(err).splitlines()[0]}") from None
+        reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot load checkpoint '{file}': {reason}") from None
     if not isinstance(data, dict) or "model" not in data:
         raise CheckpointError(f"'{file}' is not a Dreamer checkpoint (no 'model' entry)")
     return data
@@ -937,7 +939,7 @@ def make_env(cfg: DreamerConfig, seed: int):
     if cfg.backend == "dmc" and cfg.fast_render:
         options["fast_render"] = True
     return common.make_env(cfg.env_name, obs=cfg.obs, size=(cfg.image_size, cfg.image_size),
-                           action_repeat=cfg.action_repeat, time_limit=cfg.time_limit,
+                           action_repeat=cfg.action_repeat, time_limit=cfg.time_limit or None,
                            seed=seed, **options)
 
 
@@ -1230,6 +1232,7 @@ class DreamerAgent:
         file = find_weights(path)
         model = Dreamer.from_pretrained(file)
         cfg = model.cfg
+        cfg.logdir = ""                      # a new run directory, never the one the weights came from
         for key, value in overrides.items():
             setattr(cfg, key, value)
         agent = cls(cfg)
