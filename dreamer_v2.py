@@ -673,7 +673,9 @@ def kl_loss(post: dict, prior: dict, free_nats: float = 0.0, scale: float = 1.0,
     is regularised towards the prior (weight 0.2). With `free_avg` the free nats clip the mean KL
     over time and batch, else each step's KL before the mean. post, prior: RSSM states (any
     leading dims). Returns (scale * loss, {"kl": mean KL, "kl_prior": prior term, "kl_post":
-    posterior term}) -- the two terms have equal values and differ only in where gradients go."""
+    posterior term}) -- the two terms have equal values and differ only in where gradients go.
+    At alpha = 0.5 this is the plain KL with half the gradient (as if beta were halved); the
+    official code switches to the plain, full-gradient KL at exactly 0.5."""
     sg = lambda state: {k: v.detach() for k, v in state.items()}  # noqa: E731
     kl = lambda p, q: torch.distributions.kl_divergence(RSSM.dist(p), RSSM.dist(q))  # noqa: E731
     prior_kl, post_kl = kl(sg(post), prior), kl(post, sg(prior))
