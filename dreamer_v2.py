@@ -938,6 +938,17 @@ class Dreamer(nn.Module):
                        imag_return=returns.mean(), imag_reward=reward.mean())
         return dict(model=model_loss, actor=actor_loss, value=value_loss), metrics
 
+    def compile_parts(self) -> None:
+        """The `compile` flag: torch.compile each network and the RSSM's step functions. The time
+        loops stay in Python, so the three losses keep separate backward passes (compiling the
+        whole update would fuse them into one backward graph)."""
+        for module in (self.encoder, self.decoder, self.reward, self.discount_head, self.value,
+                       self.actor.net):
+            if module is not None:
+                module.compile()
+        self.rssm.img_step = torch.compile(self.rssm.img_step)
+        self.rssm.obs_step = torch.compile(self.rssm.obs_step)
+
     # --- Acting (one environment step)
     @torch.no_grad()
     def policy_step(self, obs: torch.Tensor, state, explore: bool):
@@ -1111,7 +1122,8 @@ class DreamerAgent:
                              nonfinite_updates=0, consecutive_nonfinite=0)
         self.best_eval = -math.inf
         self.logger = Logger(self.logdir, cfg)
-        self._losses = torch.compile(self.dreamer.losses) if cfg.compile else self.dreamer.losses
+        if cfg.compile:
+            self.dreamer.compile_parts()
         self._stop_signal = None
         if resume:
             self.load_checkpoint(latest_checkpoint(self.logdir))
@@ -1127,7 +1139,7 @@ class DreamerAgent:
     def update(self, batch: dict) -> dict:
         d = self.dreamer
         with self.autocast():
-            losses, metrics = self._losses(batch)
+            losses, metrics = d.losses(batch)
         # Each optimiser steps only its own parameters. The actor's gradient runs back through
         # the world model, so the world model steps last, after every graph that reads it.
         finite = [self.optimize("actor", losses["actor"], [d.actor]),
