@@ -39,9 +39,11 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -52,6 +54,10 @@ import torch.nn.functional as F
 import yaml
 
 import common
+
+# A NaN/Inf inside a forward pass must reach the loss, where `optimize` skips the step and counts
+# it; torch's argument validation of distributions would raise (and end the run) instead.
+torch.distributions.Distribution.set_default_validate_args(False)
 
 
 # =================================================================================================
@@ -188,9 +194,7 @@ class DreamerConfig:
             if not check(value):
                 raise ConfigError(f"config field '{name}' has value {value!r}; allowed: {allowed}")
         if self.algo.lower() != DreamerConfig.algo.lower():
-            raise ConfigError(f"config field 'algo' is {self.algo!r} but this is "
-                              f"{Path(__file__).name}; allowed: {DreamerConfig.algo!r} "
-                              f"(use dreamer_{self.algo.lower()[-2:]}.py for {self.algo!r})")
+            raise other_algo_error(self.algo)
         if self.seed_steps < self.train_seq_len:
             raise ConfigError(f"config field 'seed_steps' is {self.seed_steps}; allowed: at least "
                               f"train_seq_len ({self.train_seq_len}) so replay can give a sequence")
@@ -209,6 +213,8 @@ class DreamerConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"a config must be a mapping of field names to values, "
                               f"got {type(values).__name__}")
+        if str(values.get("algo", cls.algo)).lower() != cls.algo.lower():  # before its own fields
+            raise other_algo_error(values["algo"])
         return cls(**values)
 
     @classmethod
@@ -219,13 +225,23 @@ class DreamerConfig:
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}; "
+                              f"allowed: plain YAML, field: value per line") from None
         return cls.from_dict(values)
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(DreamerConfig)}
 ALIASES = {"collect_steps": "train_every", "embed_size": "obs_embed_size",
            "pcont": "pred_discount", "pcont_scale": "discount_scale"}
+
+
+def other_algo_error(algo) -> ConfigError:
+    return ConfigError(f"config field 'algo' is {algo!r} but this is {Path(__file__).name}; "
+                       f"allowed: {DreamerConfig.algo!r} (use dreamer_{str(algo).lower()[-2:]}.py "
+                       f"for {algo!r})")
 
 
 def unknown_key_message(name: str) -> str:
@@ -324,7 +340,8 @@ def straight_through_sample(logits: torch.Tensor) -> torch.Tensor:
     Bengio et al. 2013; DreamerV2 Algorithm 1). logits: (..., K) -> (..., K).
     """
     probs = torch.softmax(logits, -1)
-    index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+    safe = torch.nan_to_num(probs, nan=1.0)      # NaN logits: any index; the NaN flows on below
+    index = torch.multinomial(safe.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
     sample = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
     return sample + (probs - probs.detach())          # exactly one-hot forward
 
@@ -627,6 +644,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a read-only or vanished run directory
+        raise CheckpointError(f"cannot write '{path}': {err.strerror or err}; the previous "
+                              f"version of the file, if any, is kept") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -904,6 +924,11 @@ class Dreamer(nn.Module):
 def safe_torch_load(file, map_location="cpu") -> dict:
     """torch.load with weights_only=True: tensors and plain containers only, never code."""
     try:
+        if zipfile.is_zipfile(file):       # torch.load checks no CRC: flipped bytes would load
+            with zipfile.ZipFile(file) as archive:
+                damaged = archive.testzip()
+            if damaged:
+                raise ValueError(f"CRC-32 mismatch in {damaged}")
         data = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - damaged, truncated or malicious
         reason = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
@@ -980,6 +1005,9 @@ class DreamerAgent:
         self.device = pick_device(cfg.device)
         self.logdir = Path(logdir or cfg.logdir or default_logdir(cfg))
         prepare_logdir(self.logdir, resume)
+        if resume:                    # left by a run killed while writing (atomic_write_bytes)
+            for stale in self.logdir.rglob(".*.tmp[0-9]*"):
+                stale.unlink()
         seed_everything(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.env = make_env(cfg, seed=cfg.seed)
@@ -996,7 +1024,7 @@ class DreamerAgent:
                                    cfg.train_seq_len, self.rng)
         self.counters = dict(env_steps=0, agent_steps=0, episodes=0, updates=0, evals=0,
                              pretrained=0, last_train=0, last_eval=0, last_log=0, last_ckpt=0,
-                             nonfinite_updates=0, consecutive_nonfinite=0)
+                             nonfinite_updates=0, consecutive_nonfinite=0, pending_updates=0)
         self.best_eval = -math.inf
         self.logger = Logger(self.logdir, cfg)
         if cfg.compile:
@@ -1134,17 +1162,15 @@ class DreamerAgent:
             return
         if not c["pretrained"]:                  # once, right after the prefill
             c["pretrained"], c["last_train"] = 1, c["env_steps"]
-            steps = cfg.pretrain_steps
+            c["pending_updates"] += cfg.pretrain_steps
         elif c["env_steps"] - c["last_train"] >= cfg.train_every:
             c["last_train"] += cfg.train_every
-            steps = cfg.train_steps
-        else:
-            return
-        for _ in range(steps):
-            if self._stop_signal:
-                return
+            c["pending_updates"] += cfg.train_steps
+        # Counted down in the checkpoint: updates cut short by a stop are made after --resume.
+        while c["pending_updates"] > 0 and not self._stop_signal:
             for k, v in self.train_batch().items():
                 self.logger.scalar(k, v)
+            c["pending_updates"] -= 1
 
     @torch.no_grad()
     def evaluate(self, episodes: int | None = None) -> float:
@@ -1248,7 +1274,7 @@ class DreamerAgent:
         for key, value in overrides.items():
             setattr(cfg, key, value)
         agent = cls(cfg)
-        agent.dreamer.load_state_dict(model.state_dict())
+        load_state(agent.dreamer, model.state_dict(), file)
         return agent
 
     def close(self) -> None:
@@ -1320,6 +1346,10 @@ class Logger:
 
     def __init__(self, logdir: Path, cfg: DreamerConfig):
         self.logdir, self.cfg = logdir, cfg
+        path = logdir / "metrics.jsonl"
+        if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            with open(path, "a") as f:        # a line torn by a crash: start on a new line
+                f.write("\n")
         self.values: dict[str, list] = {}
         self.start, self.start_step = time.time(), None
         self.tb = self.wandb = None
@@ -1408,7 +1438,12 @@ def read_metrics(logdir) -> list[dict]:
     path = Path(logdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            with contextlib.suppress(json.JSONDecodeError):   # a line torn by a crash: skipped
+                records.append(json.loads(line))
+    return records
 
 
 def plot_curves(logdir, keys=("train_return", "eval_return", "model_loss", "kl",
@@ -1437,8 +1472,29 @@ def plot_curves(logdir, keys=("train_return", "eval_return", "model_loss", "kl",
     return path
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one-line ConfigErrors (no usage dump), reported by main()."""
+
+    def error(self, message):
+        raise ConfigError(f"command line: {message} (see `python {Path(__file__).name} --help`)")
+
+
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def glue_negative_numbers(argv: list[str]) -> list[str]:
+    """argparse takes a value such as '-1e-4' for a flag: write it as '--flag=-1e-4'."""
+    out = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and NEGATIVE_NUMBER.fullmatch(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of config fields (CLI flags override it)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
@@ -1471,9 +1527,14 @@ def config_from_args(args) -> DreamerConfig:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     agent = None
     try:
+        argv = glue_negative_numbers([str(a) for a in (sys.argv[1:] if argv is None else argv)])
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:
+            flag = next((a for a in unknown if a.startswith("-")), unknown[0])
+            raise ConfigError(f"unknown argument {flag!r}: "
+                              + unknown_key_message(flag.lstrip("-").split("=")[0]))
         if args.eval_only:
             given = {f.name: getattr(args, f.name) for f in fields(DreamerConfig)
                      if getattr(args, f.name) is not None}
