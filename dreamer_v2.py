@@ -1263,6 +1263,9 @@ class DreamerAgent:
             ends = terminated or (cfg.life_loss_discount and info.get("life_loss", False))  # V2
             episode.append(transition(obs, action, reward, ends))
             score += reward
+            if done:              # logged before this step's metrics line is written
+                self.logger.scalar("train_return", score)
+                self.logger.scalar("train_length", len(episode) - 1)
             c["env_steps"] += cfg.action_repeat
             c["agent_steps"] += 1
             self.maybe_train()
@@ -1279,8 +1282,6 @@ class DreamerAgent:
             self.replay.add({k: np.stack([step[k] for step in episode]) for k in episode[0]})
         if done:
             c["episodes"] += 1
-            self.logger.scalar("train_return", score)
-            self.logger.scalar("train_length", len(episode) - 1)
 
     def maybe_train(self) -> None:
         cfg, c = self.cfg, self.counters
