@@ -843,6 +843,7 @@ class Dreamer(nn.Module):
                        self.actor.net):
             if module is not None:
                 module.compile()
+        torch._dynamo.config.recompile_limit = 32    # MLP.forward serves heads of many shapes
         self.rssm.img_step = torch.compile(self.rssm.img_step)
         self.rssm.obs_step = torch.compile(self.rssm.obs_step)
 
@@ -1095,7 +1096,8 @@ class DreamerAgent:
     # --- Acting in the environment
     def act(self, obs: dict, state, explore: bool):
         x = torch.as_tensor(np.ascontiguousarray(obs[self.dreamer.obs_key][None]), device=self.device)
-        action, state = self.dreamer.policy_step(x, state, explore)
+        with self.autocast():
+            action, state = self.dreamer.policy_step(x, state, explore)
         return action[0].float().cpu().numpy(), state
 
     def random_action(self):
