@@ -1510,9 +1510,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_fields(args) -> dict:
+    """The config fields given on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(DreamerConfig)
+            if getattr(args, f.name) is not None}
+
+
 def config_from_args(args) -> DreamerConfig:
-    given = {f.name: getattr(args, f.name) for f in fields(DreamerConfig)
-             if getattr(args, f.name) is not None}
+    given = given_fields(args)
     if args.resume:
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
@@ -1539,9 +1544,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"unknown argument {flag!r}: "
                               + unknown_key_message(flag.lstrip("-").split("=")[0]))
         if args.eval_only:
-            given = {f.name: getattr(args, f.name) for f in fields(DreamerConfig)
-                     if getattr(args, f.name) is not None}
-            agent = DreamerAgent.from_pretrained(args.eval_only, **given)
+            agent = DreamerAgent.from_pretrained(args.eval_only, **given_fields(args))
             score = agent.evaluate(episodes=max(1, agent.cfg.eval_episodes))
             print(f"eval_return {score:.2f} over {max(1, agent.cfg.eval_episodes)} episode(s)")
             return 0

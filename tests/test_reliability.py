@@ -450,18 +450,15 @@ def test_kill_9_at_random_moments(variant, tmp_path, capsys):
         assert replay.num_steps == sum(episodes_on_disk(run).values())
 
 
-class HangingWrite:
-    """A file whose write stores half of the data, tells the test (touches `ready`) and hangs there
-    until the process is killed."""
+class HalfWrite:
+    """A file whose write stores half of the data, then calls `after_half` (the fault)."""
 
-    def __init__(self, file, ready):
-        self.file, self.ready = file, ready
+    def __init__(self, file):
+        self.file = file
 
     def write(self, data):
         self.file.write(data[: len(data) // 2])
-        self.file.flush()
-        Path(self.ready).touch()
-        time.sleep(120)
+        self.after_half()
 
     def __getattr__(self, name):
         return getattr(self.file, name)
@@ -471,6 +468,19 @@ class HangingWrite:
 
     def __exit__(self, *exc):
         self.file.close()
+
+
+class HangingWrite(HalfWrite):
+    """Half of the data written, the test told (touches `ready`), then a hang until killed."""
+
+    def __init__(self, file, ready):
+        super().__init__(file)
+        self.ready = ready
+
+    def after_half(self):
+        self.file.flush()
+        Path(self.ready).touch()
+        time.sleep(120)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -887,24 +897,11 @@ def test_bad_input_in_a_real_process(variant, tmp_path):
     assert not (tmp_path / "run").exists()                # nothing created for a refused run
 
 
-class DiskFull:
-    """A file whose write stores half of the data, then fails as a full disk does."""
+class DiskFull(HalfWrite):
+    """Half of the data written, then a failure as a full disk gives."""
 
-    def __init__(self, file):
-        self.file = file
-
-    def write(self, data):
-        self.file.write(data[: len(data) // 2])
+    def after_half(self):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
