@@ -127,7 +127,8 @@ class DreamerConfig:
     train_steps: int = 100             # gradient updates per training phase
     pretrain_steps: int = 100          # updates right after the prefill
     total_steps: int = 5_000_000       # env steps of the whole run
-    replay_capacity: int = 2_000_000   # env steps kept in replay (oldest episodes deleted, on disk too)
+    replay_capacity: int = 2_000_000   # transitions (agent steps) kept in replay, as the official
+                                       # capacity counts; oldest episodes deleted, on disk too
     # --- Evaluation, logging and checkpoints
     eval_every: int = 10_000           # env steps between evaluations
     eval_episodes: int = 1             # episodes per evaluation, no exploration noise
@@ -475,18 +476,34 @@ class ConvDecoder(nn.Module):
 
 
 class MLP(nn.Module):
-    """`layers` hidden Dense layers of `units` with activation, then a linear output layer."""
+    """`layers` hidden Dense layers of `units` with activation, then a linear output layer
+    (none when out_size is None: the last hidden layer, activation included, is the output)."""
 
-    def __init__(self, in_size: int, out_size: int, layers: int, units: int, act=nn.ELU):
+    def __init__(self, in_size: int, out_size: int | None, layers: int, units: int, act=nn.ELU):
         super().__init__()
         net = []
         for _ in range(layers):
             net += [nn.Linear(in_size, units), act()]
             in_size = units
-        self.net = nn.Sequential(*net, nn.Linear(in_size, out_size))
+        out = [nn.Linear(in_size, out_size)] if out_size is not None else []
+        self.net = nn.Sequential(*net, *out)
 
     def forward(self, x):
         return self.net(x)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Keras' initialisers, which the official code inherits: Glorot-uniform kernels and zero
+    biases (PyTorch's defaults are narrower and give random biases)."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.GRUCell):  # Keras' GRU: an orthogonal recurrent kernel
+        nn.init.xavier_uniform_(module.weight_ih)
+        nn.init.orthogonal_(module.weight_hh)
+        nn.init.zeros_(module.bias_ih)
+        nn.init.zeros_(module.bias_hh)
 
 
 class Actor(nn.Module):
@@ -737,10 +754,11 @@ class Dreamer(nn.Module):
         if self.obs_key == "image":
             channels = obs_shape[-1]
             self.encoder = ConvEncoder(channels, cfg.cnn_depth, cfg.obs_embed_size)
-        else:  # vector observations: 4 x 400 MLPs (not in the V1 paper; as in DreamerV2)
-            self.encoder = MLP(obs_shape[0], cfg.obs_embed_size, 3, cfg.num_units, act)
+        else:  # vector observations: 4 x 400 Dense + act, the last one the embedding (as DreamerV2)
+            self.encoder = MLP(obs_shape[0], None, 4, cfg.num_units, act)
+        embed_size = cfg.obs_embed_size if self.obs_key == "image" else cfg.num_units
         feat_size = cfg.stoch_size + cfg.deter_size
-        self.rssm = RSSM(action_size, cfg.obs_embed_size, cfg, act)
+        self.rssm = RSSM(action_size, embed_size, cfg, act)
         if self.obs_key == "image":
             self.decoder = ConvDecoder(feat_size, channels, cfg.cnn_depth)
         else:
@@ -749,6 +767,7 @@ class Dreamer(nn.Module):
         self.discount_head = MLP(feat_size, 1, 3, cfg.num_units, act) if cfg.pred_discount else None
         self.actor = Actor(feat_size, action_size, discrete, cfg, act)
         self.value = MLP(feat_size, 1, 3, cfg.num_units, act)          # value model v_psi(s_t)
+        self.apply(init_weights)
 
     @property
     def world_model(self) -> list[nn.Module]:
@@ -813,7 +832,8 @@ class Dreamer(nn.Module):
             advantage = (returns[1:] - value[:-2]).detach()
             reinforce = policy.log_prob(action[1:-1].detach()) * advantage
             mix = cfg.actor_grad_mix if cfg.actor_grad == "both" else 0.0
-            objective = mix * returns[1:] + (1 - mix) * reinforce
+            # Pure REINFORCE leaves the returns out: no gradient runs back through imagination.
+            objective = reinforce if mix == 0 else mix * returns[1:] + (1 - mix) * reinforce
         entropy = policy.entropy()
         objective = objective + cfg.actor_entropy * entropy           # the seed's eta * H[pi]
         return -(weights * objective).mean(), returns, weights, entropy.mean()
@@ -1036,9 +1056,16 @@ class DreamerAgent:
         cfg.to_yaml(self.logdir / "config.yaml")
 
     def _adam(self, params, lr):
+        # Decoupled weight decay shrinks each kernel (weights of rank >= 2; not biases or norms)
+        # by (1 - weight_decay) per step, as the official V2 optimiser does; AdamW multiplies
+        # its weight_decay by lr, hence the division.
+        params = list(params)
+        decay = self.cfg.weight_decay / lr
+        groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=decay),
+                  dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
         kwargs = dict(fused=True) if self.device.type == "cuda" else {}
-        return torch.optim.AdamW(params, lr=lr, eps=self.cfg.adam_eps,
-                                 weight_decay=self.cfg.weight_decay, **kwargs)
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.AdamW(groups, lr=lr, eps=self.cfg.adam_eps, **kwargs)
 
     # --- The update: world model, then actor, then value (V1 paper, Algorithm 1: "dynamics learning" and
     #     "behaviour learning")

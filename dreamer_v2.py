@@ -134,13 +134,14 @@ class DreamerConfig:
     train_seq_len: int = 50            # steps per sequence
     grad_clip: float = 100.0           # global gradient norm clip per optimiser
     adam_eps: float = 1e-5             # V2: Adam epsilon
-    weight_decay: float = 1e-6         # V2: decoupled weight decay
+    weight_decay: float = 1e-6         # V2: decoupled; kernels shrink by (1 - wd) per step
     seed_steps: int = 2000             # random-action prefill, env steps (atari: 200k frames)
     train_every: int = 10              # V2: one update every 5 agent steps (atari: 16 = 64 frames)
     train_steps: int = 1               # V2: gradient updates per training phase
     pretrain_steps: int = 100          # updates right after the prefill (atari preset: 1)
     total_steps: int = 5_000_000       # env steps of the whole run
-    replay_capacity: int = 2_000_000   # env steps kept in replay (oldest episodes deleted, on disk too)
+    replay_capacity: int = 2_000_000   # transitions (agent steps) kept in replay, as the official
+                                       # capacity counts; oldest episodes deleted, on disk too
     prioritize_ends: bool = False      # V2: oversample sequence ends (atari preset: on)
     # --- Evaluation, logging and checkpoints
     eval_every: int = 10_000           # env steps between evaluations
@@ -530,9 +531,10 @@ class ConvDecoder(nn.Module):
 
 
 class MLP(nn.Module):
-    """`layers` hidden Dense layers of `units` with activation, then a linear output layer."""
+    """`layers` hidden Dense layers of `units` with activation, then a linear output layer
+    (none when out_size is None: the last hidden layer, activation included, is the output)."""
 
-    def __init__(self, in_size: int, out_size: int, layers: int, units: int, act=nn.ELU,
+    def __init__(self, in_size: int, out_size: int | None, layers: int, units: int, act=nn.ELU,
                  norm: str = "none"):                        # V2: LayerNorm option
         super().__init__()
         net = []
@@ -540,10 +542,21 @@ class MLP(nn.Module):
             norm_layer = [nn.LayerNorm(units, eps=1e-3)] if norm == "layer" else []  # V2 option
             net += [nn.Linear(in_size, units), *norm_layer, act()]
             in_size = units
-        self.net = nn.Sequential(*net, nn.Linear(in_size, out_size))
+        out = [nn.Linear(in_size, out_size)] if out_size is not None else []
+        self.net = nn.Sequential(*net, *out)
 
     def forward(self, x):
         return self.net(x)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Keras' initialisers, which the official code inherits: Glorot-uniform kernels and zero
+    biases (PyTorch's defaults are narrower and give random biases)."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    # V2: the layer-normed GRU (GRUCell below) is one Dense layer, initialised as above.
 
 
 class Actor(nn.Module):
@@ -581,7 +594,7 @@ class GRUCell(nn.Module):
 
     def __init__(self, in_size: int, size: int):
         super().__init__()
-        self.linear = nn.Linear(in_size + size, 3 * size, bias=False)
+        self.linear = nn.Linear(in_size + size, 3 * size)   # with a bias, as the official Dense
         self.norm = nn.LayerNorm(3 * size, eps=1e-3)
 
     def forward(self, x, h):
@@ -648,7 +661,9 @@ class RSSM(nn.Module):
     def observe(self, embed, action, state=None) -> tuple[dict, dict]:
         """Filter a sequence: embed (T, B, E), action (T, B, A) where action[t] led to obs[t].
         Returns posterior and prior states stacked over time, each tensor (T, B, ...)."""
-        state = state if state is not None else self.initial(embed.shape[1], embed.device)
+        if state is None:  # V2: a sequence starts from the zero state and no previous action,
+            state = self.initial(embed.shape[1], embed.device)   # as `is_first` resets both
+            action = torch.cat([torch.zeros_like(action[:1]), action[1:]])
         posts, priors = [], []
         for t in range(embed.shape[0]):
             state, prior = self.obs_step(state, action[t], embed[t])
@@ -835,10 +850,11 @@ class Dreamer(nn.Module):
         if self.obs_key == "image":
             channels = obs_shape[-1]
             self.encoder = ConvEncoder(channels, cfg.cnn_depth, cfg.obs_embed_size, act)  # V2: ELU
-        else:  # vector observations: 4 x 400 MLPs (not in the V1 paper; as in DreamerV2)
-            self.encoder = MLP(obs_shape[0], cfg.obs_embed_size, 3, cfg.num_units, act, cfg.norm)
+        else:  # vector observations: 4 x 400 Dense + act, the last one the embedding (as DreamerV2)
+            self.encoder = MLP(obs_shape[0], None, 4, cfg.num_units, act, cfg.norm)
+        embed_size = cfg.obs_embed_size if self.obs_key == "image" else cfg.num_units
         feat_size = cfg.stoch_size * cfg.num_categories + cfg.deter_size   # V2: 32 x 32 one-hots
-        self.rssm = RSSM(action_size, cfg.obs_embed_size, cfg, act)
+        self.rssm = RSSM(action_size, embed_size, cfg, act)
         if self.obs_key == "image":
             self.decoder = ConvDecoder(feat_size, channels, cfg.cnn_depth, act)   # V2: ELU
         else:
@@ -850,7 +866,8 @@ class Dreamer(nn.Module):
         self.discount_head = MLP(feat_size, 1, 4, cfg.num_units, act, cfg.norm) \
             if cfg.pred_discount else None                                   # V2: p(gamma_t | h_t, z_t)
         self.actor = Actor(feat_size, action_size, discrete, cfg, act)
-        self.value = MLP(feat_size, 1, 4, cfg.num_units, act, cfg.norm)    # critic v_xi(z_t), Eq. (3)
+        self.value = MLP(feat_size, 1, 4, cfg.num_units, act, cfg.norm)    # V2: critic v_xi(z_t), Eq. 3
+        self.apply(init_weights)
         # V2: a slow copy of the critic computes the targets (Sec. 2.2); copied every 100 updates.
         self.slow_value = copy.deepcopy(self.value).requires_grad_(False)
         # V2: "auto" picks REINFORCE for discrete actions and dynamics backprop for continuous ones.
@@ -936,7 +953,8 @@ class Dreamer(nn.Module):
             advantage = (returns[1:] - value[:-2]).detach()
             reinforce = policy.log_prob(action[1:-1].detach()) * advantage
             mix = cfg.actor_grad_mix if self.actor_grad == "both" else 0.0   # V2: mix = 1 - rho
-            objective = mix * returns[1:] + (1 - mix) * reinforce
+            # Pure REINFORCE leaves the returns out: no gradient runs back through imagination.
+            objective = reinforce if mix == 0 else mix * returns[1:] + (1 - mix) * reinforce
         entropy = policy.entropy()
         objective = objective + cfg.actor_entropy * entropy           # V2: eta H[a_t|z_t], Eq. (6)
         return -(weights[:-2] * objective).mean(), returns, weights, entropy.mean()
@@ -1159,9 +1177,16 @@ class DreamerAgent:
         cfg.to_yaml(self.logdir / "config.yaml")
 
     def _adam(self, params, lr):
+        # Decoupled weight decay shrinks each kernel (weights of rank >= 2; not biases or norms)
+        # by (1 - weight_decay) per step, as the official V2 optimiser does; AdamW multiplies
+        # its weight_decay by lr, hence the division.
+        params = list(params)
+        decay = self.cfg.weight_decay / lr
+        groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=decay),
+                  dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
         kwargs = dict(fused=True) if self.device.type == "cuda" else {}
-        return torch.optim.AdamW(params, lr=lr, eps=self.cfg.adam_eps,
-                                 weight_decay=self.cfg.weight_decay, **kwargs)
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.AdamW(groups, lr=lr, eps=self.cfg.adam_eps, **kwargs)
 
     # --- The update: world model, then actor, then value (V1 paper, Algorithm 1: "dynamics learning" and
     #     "behaviour learning")

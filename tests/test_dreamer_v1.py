@@ -238,7 +238,7 @@ def test_rssm_observe_and_imagine_shapes(tiny_config):
     cfg = tiny_config(env="gym/Pendulum-v1", obs="state").resolve()
     model = Dreamer(cfg, obs_shape=(3,), action_size=2, discrete=False)
     T, B, H = 6, 3, cfg.imagine_horizon
-    embed = torch.randn(T, B, cfg.obs_embed_size)
+    embed = model.encoder(torch.randn(T, B, 3))
     action = torch.rand(T, B, 2) * 2 - 1
     post, prior = model.rssm.observe(embed, action)
     for states in (post, prior):
@@ -269,7 +269,7 @@ def test_actor_gradient_is_the_derivative_of_the_imagined_return(tiny_config):
     cfg = tiny_config(env="gym/Pendulum-v1", obs="state").resolve()
     torch.manual_seed(0)
     model = Dreamer(cfg, obs_shape=(3,), action_size=1, discrete=False)
-    post, _ = model.rssm.observe(torch.randn(5, 4, cfg.obs_embed_size), torch.rand(5, 4, 1) * 2 - 1)
+    post, _ = model.rssm.observe(model.encoder(torch.randn(5, 4, 3)), torch.rand(5, 4, 1) * 2 - 1)
     post = {k: v.detach() for k, v in post.items()}
 
     def actor_loss():

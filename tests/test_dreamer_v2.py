@@ -362,6 +362,7 @@ def test_gru_with_zero_weights_keeps_sigmoid_of_one_of_the_state():
     cell = v2.GRUCell(5, 7)
     with torch.no_grad():
         cell.linear.weight.zero_()
+        cell.linear.bias.zero_()
     h = torch.randn(3, 7)
     sigmoid_minus_1 = 1 / (1 + math.e)
     out = cell(torch.randn(3, 5), h)
@@ -370,19 +371,20 @@ def test_gru_with_zero_weights_keeps_sigmoid_of_one_of_the_state():
 
 
 def test_gru_matches_a_hand_written_layer_normed_gru():
-    """Reference in numpy: y = [x, h] W^T; LayerNorm over the 3 * size features (eps 1e-3, Keras'),
+    """Reference in numpy: y = [x, h] W^T + b; LayerNorm over the 3 * size features (eps 1e-3, Keras'),
     then reset, cand, update = split(y); h' = u * tanh(r * c) + (1 - u) * h with r = sigmoid(.),
     u = sigmoid(. - 1)."""
     cell = v2.GRUCell(5, 7)
     assert isinstance(cell.norm, nn.LayerNorm) and cell.norm.normalized_shape == (21,)
     assert cell.norm.eps == pytest.approx(1e-3)
-    with torch.no_grad():                     # non-trivial LayerNorm gain and bias
+    with torch.no_grad():                     # non-trivial Dense bias, LayerNorm gain and bias
+        cell.linear.bias.uniform_(-0.5, 0.5)
         cell.norm.weight.uniform_(0.5, 1.5)
         cell.norm.bias.uniform_(-0.5, 0.5)
     x, h = torch.randn(4, 5), torch.randn(4, 7)
-    W = cell.linear.weight.detach().double().numpy()
+    W, b = cell.linear.weight.detach().double().numpy(), cell.linear.bias.detach().double().numpy()
     gain, bias = cell.norm.weight.detach().double().numpy(), cell.norm.bias.detach().double().numpy()
-    y = np.concatenate([x.double().numpy(), h.double().numpy()], -1) @ W.T
+    y = np.concatenate([x.double().numpy(), h.double().numpy()], -1) @ W.T + b
     y = (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + 1e-3) * gain + bias
     r, c, u = np.split(y, 3, -1)
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731

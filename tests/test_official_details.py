@@ -1,0 +1,177 @@
+"""Details both scripts take from the official code (danijar/dreamer for V1, danijar/dreamerv2 for
+V2), each checked against a reference written here: Keras' initialisers, the V2 optimiser's weight
+decay, the vector-observation encoder, REINFORCE's gradient path, and V2's sequence start.
+"""
+
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+torch.set_num_threads(1)
+
+VARIANTS = ("dreamer_v1", "dreamer_v2")
+
+
+def module(variant):
+    return importlib.import_module(variant)
+
+
+def small_model(variant, obs="state", obs_shape=(5,), action_size=2, discrete=False, **overrides):
+    mod = module(variant)
+    fields = dict(env="gym/Pendulum-v1", obs=obs, stoch_size=4, deter_size=16, hidden_size=16,
+                  num_units=24, cnn_depth=8, obs_embed_size=256, imagine_horizon=3)
+    if variant == "dreamer_v2":
+        fields["num_categories"] = 3
+    cfg = mod.DreamerConfig(**{**fields, **overrides}).resolve()
+    return mod.Dreamer(cfg, obs_shape, action_size, discrete)
+
+
+def time_major_batch(model, T=4, B=3):
+    gen = torch.Generator().manual_seed(0)
+    return dict(state=torch.randn(T, B, model.obs_shape[0], generator=gen),
+                action=torch.rand(T, B, model.action_size, generator=gen) * 2 - 1,
+                reward=torch.randn(T, B, generator=gen), discount=torch.ones(T, B))
+
+
+# =================================================================================================
+# Initialisation: Keras' glorot_uniform kernels and zero biases (the official layers' defaults)
+# =================================================================================================
+
+def glorot_bound(weight: torch.Tensor, transposed: bool) -> float:
+    """sqrt(6 / (fan_in + fan_out)) with Keras' fans: a dense kernel's input and output widths;
+    a conv kernel's channels times its receptive field."""
+    if weight.ndim == 2:
+        fan_out, fan_in = weight.shape
+    else:
+        first, second, *kernel = weight.shape
+        field = math.prod(kernel)
+        fan_out, fan_in = (second * field, first * field) if transposed else \
+            (first * field, second * field)
+    return math.sqrt(6 / (fan_in + fan_out))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_weights_are_glorot_uniform_and_biases_zero(variant):
+    torch.manual_seed(0)
+    model = small_model(variant, obs="pixels", obs_shape=(64, 64, 3), num_units=400)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    assert len(layers) > 20
+    for layer in layers:
+        bound = glorot_bound(layer.weight, isinstance(layer, nn.ConvTranspose2d))
+        assert layer.weight.abs().max() <= bound
+        if layer.weight.numel() >= 10_000:       # uniform on [-b, b] has variance b^2 / 3
+            assert layer.weight.var().item() == pytest.approx(bound ** 2 / 3, rel=0.05)
+        assert layer.bias is None or not layer.bias.any()
+    # (PyTorch's own default, bound 1 / sqrt(fan_in), fails the variance check: a 400 x 400 kernel
+    # has Glorot variance 1/400 but PyTorch's 1/1200, and its biases are not zero.)
+
+
+def test_v1_gru_recurrent_kernel_is_orthogonal():
+    """Keras' GRU: glorot input kernel, orthogonal recurrent kernel, zero biases."""
+    torch.manual_seed(0)
+    cell = small_model("dreamer_v1").rssm.cell
+    W = cell.weight_hh.detach().double()                     # (3 * deter, deter)
+    torch.testing.assert_close(W.T @ W, torch.eye(W.shape[1], dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    assert not cell.bias_ih.any() and not cell.bias_hh.any()
+    assert cell.weight_ih.abs().max() <= glorot_bound(cell.weight_ih, False)
+
+
+# =================================================================================================
+# The optimiser: the official V2 optimiser shrinks every kernel by (1 - wd) per step, biases not
+# =================================================================================================
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_weight_decay_shrinks_kernels_by_one_minus_wd_per_step(variant, tmp_path, tiny_fields):
+    mod = module(variant)
+    cfg = mod.DreamerConfig(**tiny_fields(env="gym/Pendulum-v1", obs="state", weight_decay=0.01,
+                                          value_learning_rate=3e-4, logdir=str(tmp_path / "run")))
+    agent = mod.DreamerAgent(cfg)
+    try:
+        value, opt = agent.dreamer.value, agent.optimizers["value"]
+        with torch.no_grad():
+            for p in value.parameters():
+                p.uniform_(-1, 1)
+        before = {name: p.detach().clone() for name, p in value.named_parameters()}
+        for p in value.parameters():                 # zero gradient: Adam's own step is zero
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for name, p in value.named_parameters():
+            expected = before[name] * (1 - 0.01) if p.ndim >= 2 else before[name]
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+    finally:
+        agent.close()
+
+
+# =================================================================================================
+# Vector observations: four Dense + activation layers, the last one's output is the embedding
+# (dreamerv2 nets.py Encoder with mlp_layers [400] * 4)
+# =================================================================================================
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_encoder_is_four_dense_layers_each_with_its_activation(variant):
+    torch.manual_seed(0)
+    model = small_model(variant)
+    x = torch.randn(7, 5)
+    h = x.double().numpy()
+    dense = [m for m in model.encoder.modules() if isinstance(m, nn.Linear)]
+    assert len(dense) == 4
+    for layer in dense:                                  # ELU after each, the last one included
+        z = h @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+        h = np.where(z > 0, z, np.expm1(np.minimum(z, 0)))
+    out = model.encoder(x)
+    assert out.shape == (7, model.cfg.num_units)
+    np.testing.assert_allclose(out.detach().double().numpy(), h, rtol=1e-5, atol=1e-6)
+    # The RSSM reads that embedding.
+    post, _ = model.rssm.observe(model.encoder(torch.randn(4, 2, 5)), torch.zeros(4, 2, 2))
+    assert post["deter"].shape == (4, 2, model.cfg.deter_size)
+
+
+# =================================================================================================
+# REINFORCE (V2 Eq. 6 with rho = 1; V1's seed-page option): the gradient is the score function's
+# only, so nothing flows back through the imagined dynamics; dynamics backprop does flow back
+# =================================================================================================
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("actor_grad,reaches_dynamics", [("reinforce", False), ("dynamics", True),
+                                                         ("both", True)])
+def test_which_actor_gradients_reach_the_dynamics(variant, actor_grad, reaches_dynamics):
+    torch.manual_seed(0)
+    model = small_model(variant, actor_grad=actor_grad, actor_entropy=1e-3)
+    losses, _ = model.losses(time_major_batch(model))
+    dynamics = list(model.rssm.parameters()) + list(model.reward.parameters())
+    grads = torch.autograd.grad(losses["actor"], dynamics + list(model.actor.parameters()),
+                                allow_unused=True)
+    if reaches_dynamics:
+        assert any(g is not None and g.any() for g in grads[:len(dynamics)])
+    else:       # no path at all (not merely zeros): backward never walks the imagined rollout
+        assert all(g is None for g in grads[:len(dynamics)])
+    assert all(g is not None for g in grads[len(dynamics):])    # the actor always learns
+
+
+# =================================================================================================
+# V2: every training sequence starts from the zero state and no previous action (is_first)
+# =================================================================================================
+
+def test_v2_sequence_start_ignores_the_stored_first_action():
+    torch.manual_seed(0)
+    model = small_model("dreamer_v2")
+    embed = model.encoder(torch.randn(5, 3, 5)).detach()
+    action = torch.rand(5, 3, 2) * 2 - 1
+
+    def observe(actions):
+        torch.manual_seed(1)                              # the same latent samples each call
+        return model.rssm.observe(embed, actions)[0]
+
+    other_first, other_second = action.clone(), action.clone()
+    other_first[0] = torch.rand(3, 2) * 2 - 1
+    other_second[1] = torch.rand(3, 2) * 2 - 1
+    base = observe(action)
+    torch.testing.assert_close(observe(other_first)["deter"], base["deter"])
+    torch.testing.assert_close(observe(torch.cat([torch.zeros_like(action[:1]), action[1:]]))["deter"],
+                               base["deter"])
+    assert not torch.allclose(observe(other_second)["deter"][1:], base["deter"][1:])
