@@ -98,7 +98,8 @@ class DreamerConfig:
     unimix: float = 0.0                # V2 option: mix this much uniform into latent probs (V3's 0.01)
     deter_size: int = 200              # GRU deterministic state h_t (atari preset: 600)
     hidden_size: int = 200             # RSSM hidden layers (atari preset: 600)
-    obs_embed_size: int = 1536         # V2: conv output at depth 48 (identity when equal)
+    obs_embed_size: int = 1536         # V2: conv output at depth 48 (a projection only when it differs
+                                       # from the conv output); state obs: num_units wide
     cnn_depth: int = 48                # V2: channels of the first conv layer
     num_units: int = 400               # width of every MLP
     act: str = "elu"                   # MLP, CNN and RSSM activation ("silu": the seed page's)
@@ -155,7 +156,7 @@ class DreamerConfig:
     max_nonfinite_updates: int = 20    # consecutive NaN/Inf updates before training stops
     # --- Speed (same model code; only how it is executed changes)
     precision: int = 16                # V2: 16 = bf16 autocast on CUDA (no effect on CPU); or 32
-    compile: bool = False              # torch.compile the update and the policy step
+    compile: bool = False              # torch.compile each network and the RSSM step functions
 
     def __init__(self, **overrides):
         """Paper defaults, then `overrides`. Fields set by the user (here or later by assignment)
@@ -351,7 +352,9 @@ PRESETS = {
                   actor_learning_rate=4e-5, value_learning_rate=1e-4, actor_entropy=1e-3,
                   seed_steps=200_000, train_every=64, pretrain_steps=1, prioritize_ends=True,
                   eval_every=100_000),
-    "default": dict(action_repeat=1, time_limit=0),  # gym, mujoco, ...: the env's own limit
+    # gym, mujoco, ...: the env's own time limit; their episodes can truly end (CartPole falls,
+    # Hopper tips over), so the discount head learns where (as in the official V2 defaults)
+    "default": dict(action_repeat=1, time_limit=0, pred_discount=True),
 }
 
 
@@ -1149,6 +1152,7 @@ class DreamerAgent:
         prepare_logdir(self.logdir, resume)
         if resume:                    # left by a run killed while writing (atomic_write_bytes)
             for stale in self.logdir.rglob(".*.tmp[0-9]*"):
+                print(f"warning: removing half-written file {stale}", file=sys.stderr)
                 stale.unlink()
         seed_everything(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
@@ -1495,6 +1499,17 @@ def latest_checkpoint(logdir: Path) -> Path:
 # 8. Logging: metrics.jsonl, console line, PNG curves, open-loop prediction GIF; then the CLI.
 # =================================================================================================
 
+def progress(step: int, total: int, fps: float, width: int = 20) -> str:
+    """The console's progress bar: '[#####---------------]  25%      5000/20000 eta 0:12:30'."""
+    done = min(max(step / max(total, 1), 0.0), 1.0)
+    filled = round(done * width)
+    eta = "-"
+    if fps > 0 and step < total:
+        seconds = int((total - step) / fps)
+        eta = f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return f"[{'#' * filled}{'-' * (width - filled)}] {100 * done:3.0f}% {step:>9d}/{total} eta {eta}"
+
+
 class Logger:
     """Averages scalars between writes; appends to metrics.jsonl (never overwrites)."""
 
@@ -1535,12 +1550,16 @@ class Logger:
         record["fps"] = (step - self.start_step) / max(now - self.start, 1e-9)
         record["time"] = now
         self.values = {}
-        with open(self.logdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.logdir / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk, a read-only or vanished run directory
+            raise CheckpointError(f"cannot append to '{path}': {err.strerror or err}") from None
         shown = " ".join(f"{k} {record[k]:.3g}" for k in
                          ("train_return", "eval_return", "model_loss", "actor_loss", "value_loss", "fps")
                          if k in record)
-        print(f"[{step:>9d}/{self.cfg.total_steps}] {shown}", flush=True)
+        print(f"{progress(step, self.cfg.total_steps, record['fps'])} {shown}", flush=True)
         if self.tb:
             for k, v in record.items():
                 self.tb.add_scalar(k, v, step)
@@ -1707,6 +1726,10 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError, common.EnvError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (set-up, --eval_only): nothing to save
+        print("error: interrupted outside the training loop; nothing was lost (checkpoints and "
+              "episodes are as last written)", file=sys.stderr)
+        return 130
     except NonFiniteError as err:
         agent.save_checkpoint()
         print(f"error: {err}", file=sys.stderr)

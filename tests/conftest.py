@@ -5,6 +5,7 @@ check that the real code runs end to end and that its math is right, not that it
 """
 
 import pytest
+from helpers import to_cli
 
 # Field -> value of the tiny configuration (the same field names in dreamer_v1.py and dreamer_v2.py).
 TINY = dict(
@@ -35,12 +36,7 @@ def tiny_config(tmp_path, tiny_fields):
     return make
 
 
-def to_cli(fields: dict) -> list[str]:
-    """{"batch_size": 3} -> ["--batch_size", "3"]: every config field is a CLI flag."""
-    return [part for key, value in fields.items() for part in (f"--{key}", str(value))]
-
-
 @pytest.fixture(scope="session")
 def cli():
-    """The `to_cli` helper as a fixture (test modules do not import conftest)."""
+    """helpers.to_cli as a fixture."""
     return to_cli

@@ -135,3 +135,24 @@ def test_compile_matches_eager(preset):
         assert m_compiled[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     for key, value in p_eager.items():
         torch.testing.assert_close(p_compiled[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_env_speed_smoke(tmp_path):
+    """benchmarks/env_speed.py on two backends for a moment each: every row measured, the table
+    written between its markers and the rest of RESULTS.md left as it was."""
+    results = tmp_path / "RESULTS.md"
+    other = "\n## Train step\n\nearlier results\n"
+    results.write_text(ENV_SPEED + other)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "env_speed.py"), "--seconds", "0.3",
+           "--only", "gym", "atari", "--results", str(results)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = results.read_text()
+    assert text.endswith(other) and text.count("<!-- env_speed:begin -->") == 1
+    rows = table(text, "env")
+    assert {row["env"] for row in rows} == {"gym/Pendulum-v1", "gym/CartPole-v1", "atari/Pong"}
+    for row in rows:
+        assert positive(row["agent steps/s"]) and positive(row["env steps/s"]), row
+        frames = float(row["env steps/s"].replace(",", ""))
+        agent = float(row["agent steps/s"].replace(",", ""))
+        assert frames == pytest.approx(agent * int(row["action repeat"]), rel=0.01), row

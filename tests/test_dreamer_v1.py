@@ -24,6 +24,7 @@ import torch
 import yaml
 
 import dreamer_v1
+from helpers import lambda_return_by_definition, read_jsonl
 from dreamer_v1 import (CheckpointError, ConfigError, ConvDecoder, ConvEncoder, Dreamer, DreamerAgent,
                         DreamerConfig, TanhNormal, kl_loss, lambda_return, straight_through_sample)
 
@@ -42,39 +43,6 @@ def assert_close(got, expected, rtol=1e-5, atol=1e-7):
 # =================================================================================================
 # Lambda-returns, Eq. (4)-(6)
 # =================================================================================================
-
-def k_step_return(reward, discount, values, t, k):
-    """V_N^k(s_t) of Eq. (5), written out: the discounted rewards of the next k steps, then the
-    value of the state reached: sum_{n=t}^{h-1} (prod_{j=t}^{n-1} g_j) r_n + (prod_{j=t}^{h-1} g_j) v_h
-    with h = min(t + k, T). `values` has T + 1 entries: v_0 .. v_{T-1} (the `value` argument) and
-    the bootstrap v_T; h >= t + 1, so v_0 is never used. With a per-step discount g_j (learned, or
-    0 at a terminal) the product replaces the paper's gamma^(n - t)."""
-    T = len(reward)
-    h = min(t + k, T)
-    total, weight = 0.0, 1.0
-    for n in range(t, h):
-        total += weight * reward[n]
-        weight *= discount[n]
-    return total + weight * values[h]
-
-
-def lambda_return_by_definition(reward, value, discount, bootstrap, lambda_):
-    """Eq. (6) on python floats: V_lambda(s_t) = (1 - lambda) sum_{n=1}^{H-1} lambda^(n-1) V_N^n(s_t)
-    + lambda^(H-1) V_N^H(s_t), with the paper's fixed horizon H = T (k-step returns that reach
-    past the horizon are cut at it by h = min(t + k, T)). reward, value, discount: (T, B) tensors;
-    bootstrap (B,). The weighted average, not the recursion the code uses."""
-    T, B = reward.shape
-    out = np.zeros((T, B))
-    for b in range(B):
-        r, g = reward[:, b].tolist(), discount[:, b].tolist()
-        v = value[:, b].tolist() + [float(bootstrap[b])]
-        for t in range(T):
-            H = T
-            out[t, b] = (1 - lambda_) * sum(lambda_ ** (n - 1) * k_step_return(r, g, v, t, n)
-                                            for n in range(1, H)) \
-                + lambda_ ** (H - 1) * k_step_return(r, g, v, t, H)
-    return torch.tensor(out)
-
 
 def random_returns_inputs(T=7, B=5, seed=0, terminal=False):
     gen = torch.Generator().manual_seed(seed)
@@ -265,8 +233,11 @@ def test_actor_gradient_is_the_derivative_of_the_imagined_return(tiny_config):
     through the transition, reward and value models. With the sampling noise fixed (same torch
     seed), the imagined objective is a smooth function of the actor's weights, so its autograd
     gradient must match a central finite difference. (Were the dynamics cut from the graph, the
-    autograd gradient would be zero while the finite difference is not.)"""
-    cfg = tiny_config(env="gym/Pendulum-v1", obs="state").resolve()
+    autograd gradient would be zero while the finite difference is not.) The discount is fixed
+    here: a learned one enters the trajectory weights, which are a stop-gradient by design, and
+    the finite difference would see that path. The actor reads stop-gradient states (as in the
+    official code), a path of about 1.5% of the gradient that the tolerance covers."""
+    cfg = tiny_config(env="gym/Pendulum-v1", obs="state", pred_discount=False).resolve()
     torch.manual_seed(0)
     model = Dreamer(cfg, obs_shape=(3,), action_size=1, discrete=False)
     post, _ = model.rssm.observe(model.encoder(torch.randn(5, 4, 3)), torch.rand(5, 4, 1) * 2 - 1)
@@ -381,8 +352,12 @@ def state_run(tmp_path_factory, tiny_fields, cli):
     return rc, logdir, 1
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+@pytest.fixture
+def copied_state_run(state_run, tmp_path):
+    """A copy of the finished state run, for a test that changes it."""
+    logdir = tmp_path / "run"
+    shutil.copytree(state_run[1], logdir)
+    return logdir
 
 
 def load_checkpoint_file(path):
@@ -509,12 +484,10 @@ def test_from_pretrained_reproduces_the_actions(which, request, tmp_path):
     restored_agent.close()
 
 
-def test_eval_only_on_a_finished_run(state_run, tmp_path, capsys, monkeypatch):
+def test_eval_only_on_a_finished_run(copied_state_run, tmp_path, capsys, monkeypatch):
     """`--eval_only RUN/ckpts` evaluates in a new run directory; the finished run is untouched
     (it was started with --logdir, which its saved config remembers)."""
-    _, original, _ = state_run
-    logdir = tmp_path / "run"
-    shutil.copytree(original, logdir)
+    logdir = copied_state_run
     before = {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()}
     monkeypatch.chdir(tmp_path)                      # the new run directory goes under ./runs
     rc = run_main(["--eval_only", logdir / "ckpts"])
@@ -530,10 +503,8 @@ def episode_files(logdir):
     return {p.name: p.read_bytes() for p in sorted((Path(logdir) / "episodes").glob("*.npz"))}
 
 
-def test_resume_continues_counters_metrics_and_replay(state_run, tmp_path, capsys):
-    _, original, _ = state_run
-    logdir = tmp_path / "run"
-    shutil.copytree(original, logdir)
+def test_resume_continues_counters_metrics_and_replay(copied_state_run, tmp_path, capsys):
+    logdir = copied_state_run
     before_metrics = (logdir / "metrics.jsonl").read_text()
     before_episodes = episode_files(logdir)
     before = load_checkpoint_file(sorted((logdir / "ckpts").glob("ckpt-*.pt"))[-1])["counters"]
@@ -555,10 +526,8 @@ def test_resume_continues_counters_metrics_and_replay(state_run, tmp_path, capsy
     assert DreamerConfig.from_yaml(logdir / "config.yaml").total_steps == 500
 
 
-def test_a_run_directory_is_not_overwritten_without_resume(state_run, tmp_path, capsys, cli, tiny_fields):
-    _, original, _ = state_run
-    logdir = tmp_path / "run"
-    shutil.copytree(original, logdir)
+def test_a_run_directory_is_not_overwritten_without_resume(copied_state_run, tmp_path, capsys, cli, tiny_fields):
+    logdir = copied_state_run
     rc = run_main(cli(tiny_fields(env="gym/Pendulum-v1", obs="state", logdir=logdir)))
     err = capsys.readouterr().err
     assert rc == 2 and "--resume" in err
@@ -644,10 +613,8 @@ def test_config_api_rejects_negative_learning_rate_and_other_algo(tmp_path):
         DreamerConfig.from_yaml(path).resolve()
 
 
-def test_resume_with_only_damaged_checkpoints(state_run, tmp_path, capsys):
-    _, original, _ = state_run
-    logdir = tmp_path / "run"
-    shutil.copytree(original, logdir)
+def test_resume_with_only_damaged_checkpoints(copied_state_run, tmp_path, capsys):
+    logdir = copied_state_run
     for ckpt in (logdir / "ckpts").glob("ckpt-*.pt"):
         ckpt.write_bytes(ckpt.read_bytes()[:1000])             # truncated, as by a full disk
     rc = run_main(["--resume", logdir])
@@ -656,10 +623,8 @@ def test_resume_with_only_damaged_checkpoints(state_run, tmp_path, capsys):
     assert_one_line_error(rc, err, "no usable checkpoint")
 
 
-def test_resume_skips_a_damaged_newest_checkpoint(state_run, tmp_path, capsys):
-    _, original, _ = state_run
-    logdir = tmp_path / "run"
-    shutil.copytree(original, logdir)
+def test_resume_skips_a_damaged_newest_checkpoint(copied_state_run, tmp_path, capsys):
+    logdir = copied_state_run
     ckpts = sorted((logdir / "ckpts").glob("ckpt-*.pt"))
     assert len(ckpts) >= 2
     ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:-100])      # cut short

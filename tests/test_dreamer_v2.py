@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 import dreamer_v2 as v2
+from helpers import lambda_return_by_definition, read_jsonl
 
 torch.set_num_threads(1)
 
@@ -232,28 +233,6 @@ def test_two_hot_reward_round_trip_in_symlog_space():
 # lambda_return (Eq. 4) with a learned discount
 # =================================================================================================
 
-def brute_lambda_return(reward, value, discount, bootstrap, lam):
-    """V^lambda_t from the definition: the lambda-weighted average of the n-step returns
-        V^n_t = sum_{j=t}^{t+n-1} (prod_{i=t}^{j-1} g_i) r_j + (prod_{i=t}^{t+n-1} g_i) v_{t+n},
-    weights (1 - lambda) lambda^(n-1) for n < T - t and lambda^(T-t-1) for the longest one; v_T is
-    the bootstrap value. Plain Python loops over (T, B)."""
-    T, B = reward.shape
-    v = np.concatenate([value, bootstrap[None]], 0)
-    out = np.zeros((T, B))
-    for b in range(B):
-        for t in range(T):
-            def n_step(n):
-                total, gamma = 0.0, 1.0
-                for j in range(t, t + n):
-                    total += gamma * reward[j, b]
-                    gamma *= discount[j, b]
-                return total + gamma * v[t + n, b]
-            longest = T - t
-            out[t, b] = sum((1 - lam) * lam ** (n - 1) * n_step(n) for n in range(1, longest)) \
-                + lam ** (longest - 1) * n_step(longest)
-    return out
-
-
 @pytest.mark.parametrize("lam", [0.0, 0.5, 0.95, 1.0])
 def test_lambda_return_with_learned_discount_and_terminals_matches_brute_force(lam):
     rng = np.random.default_rng(4)
@@ -263,8 +242,8 @@ def test_lambda_return_with_learned_discount_and_terminals_matches_brute_force(l
     discount[2, 0] = discount[5, 1] = discount[0, 2] = discount[6, 3] = 0.0   # episode ends
     bootstrap = rng.normal(size=B)
     got = v2.lambda_return(*(torch.tensor(a) for a in (reward, value, discount, bootstrap)), lam)
-    np.testing.assert_allclose(got.numpy(), brute_lambda_return(reward, value, discount, bootstrap, lam),
-                               rtol=1e-10, atol=1e-12)
+    expected = lambda_return_by_definition(reward, value, discount, bootstrap, lam)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12)
     # A terminal cuts the return: after discount 0 at step 2, nothing later reaches t <= 2.
     assert got[2, 0].item() == pytest.approx(reward[2, 0])
 
@@ -664,10 +643,6 @@ def trained(request, tmp_path_factory, tiny_fields):
     result = agent.train()
     yield dict(env=env, run=run, agent=agent, result=result)
     agent.close()
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_training_run_has_finite_losses_and_writes_a_checkpoint(trained):

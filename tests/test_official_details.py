@@ -3,21 +3,15 @@ V2), each checked against a reference written here: Keras' initialisers, the V2 
 decay, the vector-observation encoder, REINFORCE's gradient path, and V2's sequence start.
 """
 
-import importlib
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import VARIANTS, lambda_return_by_definition, module
 
 torch.set_num_threads(1)
-
-VARIANTS = ("dreamer_v1", "dreamer_v2")
-
-
-def module(variant):
-    return importlib.import_module(variant)
 
 
 def small_model(variant, obs="state", obs_shape=(5,), action_size=2, discrete=False, **overrides):
@@ -175,3 +169,92 @@ def test_v2_sequence_start_ignores_the_stored_first_action():
     torch.testing.assert_close(observe(torch.cat([torch.zeros_like(action[:1]), action[1:]]))["deter"],
                                base["deter"])
     assert not torch.allclose(observe(other_second)["deter"][1:], base["deter"][1:])
+
+
+# =================================================================================================
+# Actor and critic losses against loops written here: lambda-returns by their definition, the
+# trajectory weights as running products, and the three actor gradients of V2 Eq. (6)
+# =================================================================================================
+
+def imagined_rollout(model, H=4, N=6, zero_at=None):
+    gen = torch.Generator().manual_seed(3)
+    feat_size = model.value.net[0].in_features
+    feat = torch.randn(H + 1, N, feat_size, generator=gen)
+    action = torch.rand(H + 1, N, model.action_size, generator=gen) * 1.8 - 0.9
+    reward = torch.randn(H + 1, N, generator=gen)
+    discount = 0.5 + 0.5 * torch.rand(H + 1, N, generator=gen)
+    if zero_at is not None:
+        discount[zero_at, 0] = 0.0                    # a terminal inside one trajectory
+    return feat, action, reward, discount
+
+
+@pytest.mark.parametrize("actor_grad", ["dynamics", "reinforce", "both"])
+def test_v2_actor_and_critic_losses_match_a_hand_written_reference(actor_grad):
+    torch.manual_seed(0)
+    model = small_model("dreamer_v2", actor_grad=actor_grad, actor_entropy=3e-3, actor_grad_mix=0.3)
+    with torch.no_grad():                             # a slow critic that differs from the critic
+        for p in model.slow_value.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    feat, action, reward, discount = imagined_rollout(model, zero_at=2)
+    cfg, H = model.cfg, feat.shape[0] - 1
+    actor_loss, returns, weights, _ = model.actor_loss(feat, action, reward, discount)
+    value_loss = model.value_loss(feat, returns, weights)
+
+    with torch.no_grad():
+        slow = model.slow_value(feat).squeeze(-1)                 # targets from the slow critic
+        R = lambda_return_by_definition(reward[:-1], slow[:-1], discount[:-1], slow[-1],
+                                        cfg.td_lambda).float()
+        w = torch.ones_like(discount)                             # w_t = d_0 * ... * d_{t-1}
+        for t in range(1, H + 1):
+            w[t] = w[t - 1] * discount[t - 1]
+        policy = model.actor(feat[:-2])
+        terms = []
+        for t in range(H - 1):       # pi(. | z_t) chose a_{t+1}; the return credited is R_{t+1}
+            log_prob = policy.log_prob(action[t + 1])[t]
+            reinforce = log_prob * (R[t + 1] - slow[t])
+            objective = {"dynamics": R[t + 1], "reinforce": reinforce,
+                         "both": 0.3 * R[t + 1] + 0.7 * reinforce}[actor_grad]
+            terms.append(w[t] * (objective + 3e-3 * policy.entropy()[t]))
+        expected_actor = -torch.stack(terms).mean()
+        critic = model.value(feat[:-1]).squeeze(-1)               # the start state z_0 included
+        expected_value = (w[:-1] * 0.5 * (critic - R) ** 2).mean()
+    torch.testing.assert_close(returns.detach(), R)
+    assert w[3, 0] == 0 and w[2, 0] > 0                           # the terminal silences what follows
+    torch.testing.assert_close(actor_loss.detach(), expected_actor, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(value_loss.detach(), expected_value, rtol=1e-5, atol=1e-6)
+
+
+def test_v1_actor_and_value_losses_match_a_hand_written_reference():
+    """V1 Eq. (7)-(8) as the official code: the imagined states s_1..s_{H-1} are weighted by the
+    discounts between them (w_1 = 1), and the value regresses onto their lambda-returns."""
+    torch.manual_seed(0)
+    model = small_model("dreamer_v1", actor_entropy=0.0)
+    feat, action, reward, discount = imagined_rollout(model, zero_at=2)
+    cfg, H = model.cfg, feat.shape[0] - 1
+    actor_loss, returns, weights, _ = model.actor_loss(feat, action, reward, discount)
+    value_loss = model.value_loss(feat, returns, weights)
+    with torch.no_grad():
+        v = model.value(feat).squeeze(-1)
+        R = lambda_return_by_definition(reward[:-1], v[:-1], discount[:-1], v[-1], cfg.td_lambda).float()
+        w = torch.ones(H - 1, feat.shape[1])                      # for s_1 .. s_{H-1}
+        for k in range(1, H - 1):
+            w[k] = w[k - 1] * discount[k]
+        expected_actor = -(w * R[1:]).mean()
+        expected_value = (w * 0.5 * (v[1:-1] - R[1:]) ** 2).mean()
+    torch.testing.assert_close(returns.detach(), R)
+    torch.testing.assert_close(actor_loss.detach(), expected_actor, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(value_loss.detach(), expected_value, rtol=1e-5, atol=1e-6)
+
+
+# =================================================================================================
+# The fallback preset (gym, mujoco, ...): true terminals exist there, so the discount head is on
+# (official V2 `defaults`: pred_discount True); dmc keeps it off
+# =================================================================================================
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fallback_preset_learns_the_discount_and_dmc_does_not(variant):
+    cfg = module(variant).DreamerConfig
+    assert cfg(env="gym/CartPole-v1").resolve().pred_discount is True
+    assert cfg(env="mujoco/Hopper-v5").resolve().pred_discount is True
+    assert cfg(env="dmc/walker-walk").resolve().pred_discount is False
+    assert cfg(env="gym/CartPole-v1", pred_discount=False).resolve().pred_discount is False

@@ -23,7 +23,6 @@ they are. About 1.5 minutes on 2 CPU cores (OMP_NUM_THREADS=1), most of it the 1
 
 import builtins
 import errno
-import importlib
 import json
 import os
 import random
@@ -38,17 +37,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import ALGO, VARIANTS, module, one_error_line, read_jsonl, run_main
+from helpers import to_cli as cli
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("dreamer_v1", "dreamer_v2")
 OTHER = {"dreamer_v1": "dreamer_v2", "dreamer_v2": "dreamer_v1"}
-ALGO = {"dreamer_v1": "Dreamerv1", "dreamer_v2": "Dreamerv2"}
 EPISODE = 100                                        # env steps per Pendulum episode (time_limit)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-def module(variant):
-    return importlib.import_module(variant)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,26 +82,6 @@ def tiny(variant, **overrides) -> dict:
     return fields
 
 
-def cli(fields: dict) -> list:
-    return [part for key, value in fields.items() for part in (f"--{key}", str(value))]
-
-
-def run_main(variant, args, capsys):
-    """`python dreamer_vX.py ARGS` in this process: (exit code, stdout, stderr). The script does
-    `sys.exit(main())`, so main's return value is the exit code; an exception escaping main is a
-    traceback in the real script and is reported as exit code 'traceback'."""
-    mod = module(variant)
-    try:
-        rc = mod.main([str(a) for a in args])
-    except SystemExit as exit_:                       # argparse exits by itself
-        rc = exit_.code
-    except Exception as err:  # noqa: BLE001
-        out = capsys.readouterr()
-        return "traceback", out.out, out.err + f"\nTraceback: {type(err).__name__}: {err}"
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def checkpoints(run) -> list[Path]:
     return sorted((Path(run) / "ckpts").glob("ckpt-*.pt"))
 
@@ -127,14 +102,7 @@ def episodes_on_disk(run) -> dict[str, int]:
 
 
 def metrics(run) -> list[dict]:
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected exactly one line on stderr, got:\n{err}"
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
+    return read_jsonl(Path(run) / "metrics.jsonl")
 
 
 def assert_consistent_stop(variant, run, out, signame=None) -> int:
@@ -932,6 +900,41 @@ def test_full_disk_while_saving(variant, tmp_path, capsys, monkeypatch):
     assert run_main(variant, ["--resume", run], capsys)[0] == 0      # and the run goes on
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("target", ["episode", "metrics"])
+def test_full_disk_while_writing_an_episode_or_the_metrics(variant, target, tmp_path, capsys,
+                                                          monkeypatch):
+    """The second episode file's write, or the second metrics line's append, fails half-way
+    with ENOSPC: one error line naming the file, and the run resumes from its last checkpoint."""
+    mod, run = module(variant), tmp_path / "run"
+    name = {"episode": "000001-100.npz", "metrics": "metrics.jsonl"}[target]
+    writes = {"n": 0}
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        file = builtins.open(path, mode, *args, **kwargs)
+        hit = Path(path).name.startswith(f".{name}.tmp") if target == "episode" else \
+            (Path(path).name == name and "a" in mode)
+        if hit:
+            writes["n"] += 1
+            if writes["n"] == (1 if target == "episode" else 2):
+                return DiskFull(file)
+        return file
+
+    monkeypatch.setattr(mod, "open", full_disk_open, raising=False)
+    rc, out, err = run_main(variant, cli(tiny(variant, logdir=run)), capsys)
+    monkeypatch.undo()
+    assert rc == 2, err[-1500:]
+    line = one_error_line(err)
+    assert "No space left on device" in line and name in line
+    assert not [p for p in run.rglob(".*.tmp*")]                   # no temporary file left
+    assert run_main(variant, ["--resume", run], capsys)[0] == 0      # the run goes on
+    assert mod.read_metrics(run)[-1]["step"] == 300
+    # The episode that met the full disk is lost (a checkpoint at its last step was already
+    # written); the resumed run collects the rest. A metrics line costs no episode.
+    assert len(episodes_on_disk(run)) == (2 if target == "episode" else 3)
+    assert load_ckpt(variant, checkpoints(run)[-1])["counters"]["env_steps"] == 300
+
+
 # =================================================================================================
 # 5. Untrusted files: nothing that loads a checkpoint, an episode or a config runs code.
 # =================================================================================================
@@ -1041,5 +1044,8 @@ def test_resume_removes_temporary_files_of_a_killed_writer(variant, copied_run, 
              run / "episodes" / ".000003-100.npz.tmp999999"]
     for path in stale:
         path.write_bytes(b"half of a file")
-    assert run_main(variant, ["--resume", run], capsys)[0] == 0
+    rc, _, err = run_main(variant, ["--resume", run], capsys)
+    assert rc == 0
     assert not [p for p in stale if p.exists()]
+    for path in stale:                                    # each removal is said, naming the file
+        assert f"warning: removing half-written file {path}" in err

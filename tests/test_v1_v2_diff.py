@@ -15,27 +15,39 @@ def code_lines(name):
     return lines[end + 1:]
 
 
-def hunks():
-    v1, v2 = code_lines("dreamer_v1.py"), code_lines("dreamer_v2.py")
+def hunks(v1, v2):
+    """Each changed block: (V1 lines, the V2 lines with one neighbour on each side, line numbers)."""
     matcher = difflib.SequenceMatcher(None, v1, v2, autojunk=False)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag != "equal":
             yield v1[i1:i2], v2[max(j1 - 1, 0):j2 + 1], (i1 + 1, j1 + 1)
 
 
+def unmarked_hunks(v1, v2):
+    return [f"v1 line {i}, v2 line {j}: {(old or new)[:2]}"
+            for old, new, (i, j) in hunks(v1, v2) if not any("V2" in line for line in new)]
+
+
 def test_every_hunk_is_marked():
-    unmarked = [f"v1 line {i}, v2 line {j}: {(old or new)[:2]}"
-                for old, new, (i, j) in hunks() if not any("V2" in line for line in new)]
+    unmarked = unmarked_hunks(code_lines("dreamer_v1.py"), code_lines("dreamer_v2.py"))
     assert not unmarked, "unmarked differences:\n" + "\n".join(unmarked)
 
 
 def test_the_check_catches_an_unmarked_change():
-    # The check itself must be able to fail: an edit without a mark is found.
-    v1 = ["a = 1", "b = 2", "c = 3", "d = 4"]
-    v2 = ["a = 1", "b = 5", "c = 3", "d = 4"]
-    ops = difflib.SequenceMatcher(None, v1, v2).get_opcodes()
-    changed = [v2[max(j1 - 1, 0):j2 + 1] for tag, _, _, j1, j2 in ops if tag != "equal"]
-    assert changed and not any("V2" in line for block in changed for line in block)
+    """The real checker on small files: an unmarked edit, insertion or deletion is found; a
+    marked one, or one next to a marked line, is not."""
+    v1 = ["a = 1", "b = 2", "c = 3", "d = 4", "e = 5", "f = 6", "g = 7"]
+    edited = ["a = 1", "b = 5", "c = 3", "d = 4", "e = 5", "f = 6", "g = 7"]
+    inserted = ["a = 1", "b = 2", "c = 3", "x = 0", "d = 4", "e = 5", "f = 6", "g = 7"]
+    deleted = ["a = 1", "b = 2", "c = 3", "d = 4", "f = 6", "g = 7"]
+    for v2 in (edited, inserted, deleted):
+        assert len(unmarked_hunks(v1, v2)) == 1, v2
+    marked = ["a = 1", "b = 5  # V2: why", "c = 3", "d = 4", "e = 5", "f = 6", "g = 7"]
+    next_to_mark = ["a = 1", "# V2: the next line changes", "b = 5", "c = 3", "d = 4", "e = 5",
+                    "f = 6", "g = 7"]
+    assert unmarked_hunks(v1, marked) == [] and unmarked_hunks(v1, next_to_mark) == []
+    # Two separate unmarked edits are two findings, however far apart.
+    assert len(unmarked_hunks(v1, ["a = 1", "b = 9", "c = 3", "d = 4", "e = 5", "f = 9", "g = 7"])) == 2
 
 
 def test_the_files_share_their_section_order():

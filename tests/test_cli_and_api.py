@@ -1,0 +1,245 @@
+"""The scripts as a user meets them: the flagship commands at the papers' full sizes, the console's
+progress bar, the seed page's API (summary, from_config), optional logging back-ends, Ctrl-C
+outside the training loop, exploration noise, discrete actions in V1, and V2's options
+(LayerNorm, SiLU, two-hot reward head, life-loss discount) in real short runs.
+"""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from helpers import VARIANTS, module, one_error_line, read_jsonl, run_main, to_cli
+
+torch.set_num_threads(1)
+
+
+def tiny(variant, **overrides) -> dict:
+    fields = dict(env="gym/Pendulum-v1", obs="state", device="cpu", seed=0, num_units=32,
+                  deter_size=32, stoch_size=8, hidden_size=32, batch_size=3, train_seq_len=10,
+                  imagine_horizon=4, seed_steps=100, train_every=50, train_steps=2,
+                  pretrain_steps=2, time_limit=100, total_steps=200, eval_every=10**6,
+                  scalar_freq=50, checkpoint_interval=10**6, video=False)
+    if variant == "dreamer_v2":
+        fields.update(stoch_size=4, num_categories=4)
+    return {**fields, **overrides}
+
+
+def finite_losses(run, keys=("model_loss", "actor_loss", "value_loss")):
+    records = read_jsonl(run / "metrics.jsonl")
+    for key in keys:
+        values = [r[key] for r in records if key in r]
+        assert values and all(math.isfinite(v) for v in values), (key, values)
+    return records
+
+
+# =================================================================================================
+# The flagship commands at the official sizes: only the step counts are shortened, to one update
+# =================================================================================================
+
+@pytest.mark.parametrize("variant,env,args", [
+    ("dreamer_v2", "atari/Pong", ["--time_limit", 400, "--seed_steps", 400, "--total_steps", 404]),
+    ("dreamer_v1", "dmc/walker-walk", ["--time_limit", 200, "--seed_steps", 200, "--total_steps", 202]),
+])
+def test_flagship_command_runs_one_update_at_the_official_sizes(variant, env, args, tmp_path, capsys):
+    """`python dreamer_v2.py --env atari/Pong` and `python dreamer_v1.py --env dmc/walker-walk`:
+    the papers' networks and batches (V2 Atari: deter 600, 32 x 32 latents, depth 48, batch
+    16 x 50; V1: deter 200, depth 32, batch 50 x 50), one pretraining update on CPU once the
+    first (time-limited) episode is in replay, one agent step into the second."""
+    run = tmp_path / "run"
+    rc, out, err = run_main(variant, ["--env", env, *args, "--pretrain_steps", 1, "--device", "cpu",
+                                      "--logdir", run, "--eval_every", 10**6, "--video", "false"],
+                            capsys)
+    assert rc == 0, err[-2000:]
+    cfg = module(variant).DreamerConfig.from_yaml(run / "config.yaml")
+    if variant == "dreamer_v2":
+        assert (cfg.deter_size, cfg.stoch_size, cfg.num_categories, cfg.cnn_depth) == (600, 32, 32, 48)
+        assert (cfg.batch_size, cfg.train_seq_len, cfg.grayscale) == (16, 50, True)
+    else:
+        assert (cfg.deter_size, cfg.stoch_size, cfg.cnn_depth, cfg.batch_size) == (200, 30, 32, 50)
+    ckpt = module(variant).safe_torch_load(sorted((run / "ckpts").glob("ckpt-*.pt"))[-1])
+    assert ckpt["counters"]["updates"] == 1
+    finite_losses(run)
+
+
+# =================================================================================================
+# The console: a progress bar with the percentage and the time left
+# =================================================================================================
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_progress_bar(variant):
+    progress = module(variant).progress
+    # 5,000 of 20,000 steps at 10 steps/s: a quarter done, 15,000 steps = 1,500 s = 25 min left.
+    assert progress(5000, 20000, 10.0) == "[#####---------------]  25%      5000/20000 eta 0:25:00"
+    assert progress(1000, 100_000, 5.0).endswith("eta 5:30:00")     # 19,800 s
+    assert progress(0, 300, 0.0) == "[--------------------]   0%         0/300 eta -"
+    assert progress(300, 300, 50.0) == "[####################] 100%       300/300 eta -"
+    assert progress(299, 300, 2.0).endswith("eta 0:00:00")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_console_lines_carry_the_progress_bar(variant, tmp_path, capsys):
+    rc, out, err = run_main(variant, to_cli(tiny(variant, logdir=tmp_path / "run")), capsys)
+    assert rc == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(lines) == 3           # at env steps 100, 150, 200 (at 50 there is nothing to write)
+    assert lines[-1].startswith("[####################] 100%       200/200 eta -")
+
+
+# =================================================================================================
+# The seed page's API: summary() and parameter_count(), from_config(..., seed=)
+# =================================================================================================
+
+def dense(i, o):
+    return i * o + o
+
+
+def test_v1_parameter_count_by_hand():
+    """V1 on a 3-d state with 1-d actions; units 8, deter 6, hidden 5, stoch 4 (feat 10)."""
+    mod = module("dreamer_v1")
+    cfg = mod.DreamerConfig(env="gym/Pendulum-v1", obs="state", num_units=8, deter_size=6,
+                            hidden_size=5, stoch_size=4).resolve()
+    model = mod.Dreamer(cfg, (3,), 1, False)
+    gru = 3 * 6 * 5 + 3 * 6 * 6 + 2 * 3 * 6                 # input and recurrent kernels, 2 biases
+    expected = dict(
+        encoder=dense(3, 8) + 3 * dense(8, 8),                # 4 layers, the last is the embedding
+        rssm=dense(4 + 1, 5) + gru + dense(6, 5) + dense(5, 8) + dense(6 + 8, 5) + dense(5, 8),
+        decoder=dense(10, 8) + 3 * dense(8, 8) + dense(8, 3),
+        reward=dense(10, 8) + dense(8, 8) + dense(8, 1),
+        discount=dense(10, 8) + 2 * dense(8, 8) + dense(8, 1),   # on in the gym preset
+        actor=dense(10, 8) + 3 * dense(8, 8) + dense(8, 2),    # mean and std
+        value=dense(10, 8) + 2 * dense(8, 8) + dense(8, 1))
+    summary = model.summary()
+    assert summary["parameters"] == expected
+    assert summary["total_parameters"] == model.parameter_count() == sum(expected.values())
+
+
+def test_v2_parameter_count_leaves_out_the_slow_critic():
+    mod = module("dreamer_v2")
+    cfg = mod.DreamerConfig(env="gym/Pendulum-v1", obs="state", num_units=8, deter_size=6,
+                            hidden_size=5, stoch_size=4, num_categories=3).resolve()
+    model = mod.Dreamer(cfg, (3,), 1, False)
+    summary = model.summary()
+    # the layer-normed GRU: one Dense on [x, h] to 3 * deter, and LayerNorm's gain and bias
+    assert summary["parameters"]["rssm"] == (dense(12 + 1, 5) + dense(5 + 6, 18) + 2 * 18 + dense(6, 5)
+                                             + dense(5, 12) + dense(6 + 8, 5) + dense(5, 12))
+    assert summary["parameters"]["value"] == dense(18, 8) + 3 * dense(8, 8) + dense(8, 1)
+    assert summary["total_parameters"] == sum(summary["parameters"].values())
+    slow = sum(p.numel() for p in model.slow_value.parameters())
+    assert sum(p.numel() for p in model.parameters()) == summary["total_parameters"] + slow
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_from_config_with_a_seed(variant, tmp_path):
+    mod = module(variant)
+    mod.DreamerConfig(**tiny(variant, logdir=str(tmp_path / "run"))).to_yaml(tmp_path / "cfg.yaml")
+    agent = mod.DreamerAgent.from_config(tmp_path / "cfg.yaml", seed=7, batch_size=5)
+    try:
+        assert (agent.cfg.seed, agent.cfg.batch_size, agent.cfg.num_units) == (7, 5, 32)
+        assert agent.summary()["total_parameters"] == agent.dreamer.parameter_count()
+    finally:
+        agent.close()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("flag,package", [("tensorboard", "tensorboard"), ("enable_wandb", "wandb")])
+def test_missing_logging_package_is_a_clear_error(variant, flag, package, tmp_path, capsys):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here; the error is for machines without it")
+    rc, _, err = run_main(variant, to_cli(tiny(variant, logdir=tmp_path / "run", **{flag: True})),
+                          capsys)
+    assert rc == 2
+    line = one_error_line(err)
+    assert f"'{flag}'" in line and f"pip install {package}" in line
+
+
+# =================================================================================================
+# Ctrl-C outside the training loop (while a resumed run loads its replay, say): one line, no trace
+# =================================================================================================
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ctrl_c_during_set_up_is_one_line(variant, tmp_path, capsys, monkeypatch):
+    mod = module(variant)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt                      # what SIGINT raises outside the loop
+
+    monkeypatch.setattr(mod.ReplayBuffer, "__init__", interrupted)
+    rc, _, err = run_main(variant, to_cli(tiny(variant, logdir=tmp_path / "run")), capsys)
+    assert rc == 130
+    assert "interrupted" in one_error_line(err)
+
+
+# =================================================================================================
+# Exploration (V1): additive Gaussian noise N(0, 0.3) clipped to [-1, 1]; epsilon-greedy for
+# one-hot actions, where a random action keeps the greedy one with probability 1 / n
+# =================================================================================================
+
+def test_v1_exploration_noise_has_the_configured_distribution():
+    mod = module("dreamer_v1")
+    torch.manual_seed(0)
+    cfg = mod.DreamerConfig(env="gym/Pendulum-v1", obs="state", num_units=8).resolve()
+    noisy = mod.Dreamer(cfg, (3,), 2, False).explore(torch.zeros(50_000, 2))
+    assert noisy.mean().item() == pytest.approx(0.0, abs=0.005)
+    assert noisy.std().item() == pytest.approx(0.3, rel=0.02)
+    near_edge = mod.Dreamer(cfg, (3,), 2, False).explore(torch.full((50_000, 2), 0.9))
+    assert near_edge.max().item() == 1.0                       # clipped, not wrapped or rescaled
+    # P(0.9 + N(0, 0.3) > 1) = P(Z > 1/3) = 0.3694
+    assert (near_edge == 1.0).float().mean().item() == pytest.approx(0.3694, abs=0.01)
+
+    cfg = mod.DreamerConfig(env="atari/Pong", obs="state", num_units=8, action_noise=0.4).resolve()
+    greedy = torch.zeros(60_000, 6)
+    greedy[:, 2] = 1
+    picked = mod.Dreamer(cfg, (3,), 6, True).explore(greedy)
+    assert torch.equal(picked.sum(-1), torch.ones(60_000))     # still one-hot
+    assert (picked.argmax(-1) != 2).float().mean().item() == pytest.approx(0.4 * 5 / 6, abs=0.01)
+
+
+# =================================================================================================
+# Real short runs: V1 with discrete actions on Pong; V2 with its optional networks and reward head
+# =================================================================================================
+
+def test_v1_trains_on_pong_with_one_hot_actions(tmp_path, capsys):
+    run = tmp_path / "run"
+    rc, _, err = run_main("dreamer_v1", to_cli(tiny("dreamer_v1", env="atari/Pong", obs="pixels",
+                                                    cnn_depth=8, obs_embed_size=256, time_limit=200,
+                                                    total_steps=400, train_every=100,
+                                                    logdir=run)), capsys)
+    assert rc == 0, err
+    finite_losses(run, ("model_loss", "actor_loss", "value_loss", "discount_loss"))
+    with np.load(sorted((run / "episodes").glob("*.npz"))[-1], allow_pickle=False) as episode:
+        actions = episode["action"][1:]
+    assert actions.shape[1] == 6 and np.array_equal(actions.sum(-1), np.ones(len(actions)))
+
+
+def test_v2_options_layer_norm_silu_and_two_hot_reward_train(tmp_path, capsys):
+    mod, run = module("dreamer_v2"), tmp_path / "run"
+    rc, _, err = run_main("dreamer_v2", to_cli(tiny("dreamer_v2", norm="layer", act="silu",
+                                                    reward_head="twohot", logdir=run)), capsys)
+    assert rc == 0, err
+    finite_losses(run, ("model_loss", "reward_loss", "actor_loss", "value_loss"))
+    model = mod.Dreamer.from_pretrained(run / "ckpts")
+    kinds = {type(m) for m in model.modules()}
+    assert nn.SiLU in kinds and nn.ELU not in kinds
+    assert any(isinstance(m, nn.LayerNorm) for m in model.reward.modules())    # MLPs normed
+    assert model.reward.net[-1].out_features == 255                             # two-hot bins
+
+
+@pytest.mark.parametrize("life_loss_discount", [True, False])
+def test_v2_life_loss_discount_marks_every_lost_life(life_loss_discount, tmp_path, capsys):
+    """Breakout starts with 5 lives; random play loses them all within a few hundred steps. With
+    the option every lost life stores discount 0 (the last one is the game's end); without it
+    only the true end does. (Random games measured 130-300 agent steps; 4,000 frames are 1,000.)"""
+    run = tmp_path / "run"
+    rc, _, err = run_main("dreamer_v2", to_cli(tiny(
+        "dreamer_v2", env="atari/Breakout", obs="pixels", time_limit=20_000, seed_steps=4000,
+        total_steps=4000, scalar_freq=10**6, life_loss_discount=life_loss_discount,
+        logdir=run)), capsys)
+    assert rc == 0, err
+    first = sorted((run / "episodes").glob("*.npz"))[0]
+    with np.load(first, allow_pickle=False) as episode:
+        discount = episode["discount"]
+    assert discount[-1] == 0                                  # the game ended: all lives lost
+    assert int((discount == 0).sum()) == (5 if life_loss_discount else 1)
