@@ -709,7 +709,7 @@ def random_policy_return(episodes=10, seed=0):
 # Small networks and a high update ratio (one update per 2 env steps) fit the CPU budget.
 LEARNING = dict(
     env="gym/Pendulum-v1", obs="state", device="cpu", action_repeat=2, time_limit=200,
-    num_units=64, deter_size=64, hidden_size=64, stoch_size=16, obs_embed_size=64,
+    num_units=64, deter_size=64, hidden_size=64, stoch_size=16,
     batch_size=8, train_seq_len=32, imagine_horizon=15,
     seed_steps=1000, pretrain_steps=100, train_every=50, train_steps=25, total_steps=10_000,
     model_learning_rate=1e-3, actor_learning_rate=3e-4, value_learning_rate=3e-4, actor_entropy=1.0,

@@ -4,6 +4,7 @@ rule stated in common.py's docstring. Optional backends run where installed and 
 'not installed' message everywhere.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 from PIL import Image
 
 from common import EnvError, OneHot, make_env
+
+PROCGEN = importlib.util.find_spec("procgen") is not None     # optional (requirements-optional.txt)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -384,7 +387,8 @@ def test_mujoco_hopper_state_matches_gymnasium_and_renders_a_frame():
     ("gym/Pendulum-v9", {}, r"unknown gymnasium id 'Pendulum-v9'.*Pendulum-v1"),
     ("mujoco/Hoper-v5", {}, r"unknown mujoco id 'Hoper-v5' \(did you mean Hopper-v5"),
     ("mujoco/Hopper-v3", {}, r"needs mujoco-py.*Hopper-v5"),
-    ("procgen/coinrunn", {}, r"procgen"),
+    ("procgen/coinrunn", {}, r"unknown procgen game 'coinrunn'; procgen has: .*coinrun" if PROCGEN
+     else r"needs the package `procgen \(procgen2\)`, which is not installed: pip install --no-deps procgen2"),
     ("gym/CartPole-v1", {"obs": "rgb"}, r"obs must be one of pixels, state, both, got 'rgb'"),
     ("atari/Pong", {"sticky": 0.1}, r"unknown option\(s\) sticky for backend 'atari'; allowed .*sticky_actions=0.25"),
     ("dmc/walker-walk", {"grayscale": True}, r"unknown option\(s\) grayscale .*camera=None, fast_render=False"),

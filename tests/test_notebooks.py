@@ -8,6 +8,7 @@ with no kernel to install.
 """
 
 import json
+import time
 from pathlib import Path
 
 import nbformat
@@ -19,6 +20,7 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 REQUIRED = {"kl_balancing.ipynb", "lambda_return.ipynb", "two_hot.ipynb"}
 CELL_TIMEOUT_S = 300      # per cell; each notebook takes well under a minute on 2 CPU cores
+NOTEBOOK_BUDGET_S = 90    # a whole notebook, kernel start included, on a busy 2-core machine
 MAX_STORED_BYTES = 600_000  # stored outputs stay small: PNG plots, no big arrays
 
 
@@ -34,7 +36,10 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    start = time.perf_counter()
     client.execute()  # raises CellExecutionError naming the cell and its traceback on any error
+    seconds = time.perf_counter() - start
+    assert seconds < NOTEBOOK_BUDGET_S, f"{path.name} took {seconds:.0f} s"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
