@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import common
+
 VARIANTS = ("dreamer_v1", "dreamer_v2")
 ALGO = {"dreamer_v1": "Dreamerv1", "dreamer_v2": "Dreamerv2"}
 
@@ -86,3 +88,31 @@ def lambda_return_by_definition(reward, value, discount, bootstrap, lambda_):
                                             for n in range(1, T)) \
                 + lambda_ ** (T - 1) * k_step_return(r, g, v, t, T)
     return torch.tensor(out)
+
+
+# --- Learning tests: the random baseline and the recorded returns ----------------------------------
+
+def random_pendulum_return(episodes=10, seed=0):
+    """Mean return of uniform random actions on Pendulum-v1 (200 env steps, action repeat 2)."""
+    rng = np.random.default_rng(seed)
+    returns = []
+    with common.make_env("gym/Pendulum-v1", obs="state", action_repeat=2, time_limit=200,
+                         seed=seed) as env:
+        for i in range(episodes):
+            env.reset(seed=seed + i)
+            done, score = False, 0.0
+            while not done:
+                _, reward, terminated, truncated, _ = env.step(rng.uniform(-1, 1, 1))
+                score += reward
+                done = terminated or truncated
+            returns.append(score)
+    return float(np.mean(returns))
+
+
+def episode_returns(logdir):
+    """Return of every stored training episode, oldest first (the replay files are the record)."""
+    returns = []
+    for path in sorted((Path(logdir) / "episodes").glob("*.npz")):
+        with np.load(path, allow_pickle=False) as episode:
+            returns.append(float(episode["reward"].sum()))
+    return returns

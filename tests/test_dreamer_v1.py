@@ -24,7 +24,7 @@ import torch
 import yaml
 
 import dreamer_v1
-from helpers import lambda_return_by_definition, read_jsonl
+from helpers import episode_returns, lambda_return_by_definition, random_pendulum_return, read_jsonl
 from dreamer_v1 import (CheckpointError, ConfigError, ConvDecoder, ConvEncoder, Dreamer, DreamerAgent,
                         DreamerConfig, TanhNormal, kl_loss, lambda_return, straight_through_sample)
 
@@ -683,24 +683,6 @@ def test_eval_only_with_a_damaged_checkpoint(tmp_path, capsys):
 # Learning (slow): DreamerV1 beats a random policy on Pendulum from states within minutes on a CPU
 # =================================================================================================
 
-def random_policy_return(episodes=10, seed=0):
-    """Mean return of uniform random actions on Pendulum-v1 (200 env steps, action repeat 2)."""
-    import common
-    rng = np.random.default_rng(seed)
-    returns = []
-    with common.make_env("gym/Pendulum-v1", obs="state", action_repeat=2, time_limit=200,
-                         seed=seed) as env:
-        for i in range(episodes):
-            env.reset(seed=seed + i)
-            done, score = False, 0.0
-            while not done:
-                _, reward, terminated, truncated, _ = env.step(rng.uniform(-1, 1, 1))
-                score += reward
-                done = terminated or truncated
-            returns.append(score)
-    return float(np.mean(returns))
-
-
 # Found on the 2-core CPU: the paper's actor (tanh-normal, mean scale 5, no entropy bonus) pins
 # its pre-tanh mean at +-5 within the first few thousand steps on Pendulum, where tanh has no
 # gradient left, and stays a bang-bang policy that does no better than random. The seed page's
@@ -717,20 +699,11 @@ LEARNING = dict(
 )
 
 
-def episode_returns(logdir):
-    """Return of every stored training episode, oldest first (the replay files are the record)."""
-    returns = []
-    for path in sorted((Path(logdir) / "episodes").glob("*.npz")):
-        with np.load(path, allow_pickle=False) as episode:
-            returns.append(float(episode["reward"].sum()))
-    return returns
-
-
 @pytest.mark.slow
 def test_dreamer_learns_pendulum_from_states(tmp_path, cli):
     """50 episodes (10,000 env steps): the last 10 training episodes, exploration noise included,
     average at least 300 above uniform random actions (about -1250 per 200-step episode)."""
-    random_return = random_policy_return()
+    random_return = random_pendulum_return()
     assert -1500 < random_return < -1000
     start = time.time()
     assert run_main(cli({**LEARNING, "logdir": tmp_path / "run"})) == 0

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import dreamer_v2 as v2
-from helpers import lambda_return_by_definition, read_jsonl
+from helpers import episode_returns, lambda_return_by_definition, random_pendulum_return, read_jsonl, to_cli
 
 torch.set_num_threads(1)
 
@@ -712,3 +712,34 @@ def test_from_pretrained_of_a_run_with_a_logdir_opens_a_new_run_directory(traine
     finally:
         loaded.close()
     assert v2.main(["--eval_only", str(trained["run"] / "ckpts")]) == 0
+
+
+# =================================================================================================
+# Learning (slow): DreamerV2 beats a random policy on Pendulum from states within minutes on a CPU
+# =================================================================================================
+
+# The recorded run results/v2-pendulum-state-cpu: DreamerV1's CPU recipe (small networks, one
+# update per 2 env steps), 16 x 16 categoricals, and no entropy bonus beyond the preset's 1e-4: the
+# truncated-normal actor did not saturate as V1's tanh-normal did. Measured on 2 shared cores: the
+# last 10 training episodes averaged -184 against -1254 for random actions, in 26 minutes.
+LEARNING = dict(
+    env="gym/Pendulum-v1", obs="state", device="cpu", action_repeat=2, time_limit=200,
+    num_units=64, deter_size=64, hidden_size=64, stoch_size=16, num_categories=16,
+    batch_size=8, train_seq_len=32, imagine_horizon=15,
+    seed_steps=1000, pretrain_steps=100, train_every=50, train_steps=25, total_steps=10_000,
+    model_learning_rate=1e-3, actor_learning_rate=3e-4, value_learning_rate=3e-4,
+    eval_every=1000, eval_episodes=3, scalar_freq=200, checkpoint_interval=100_000, seed=0,
+)
+
+
+@pytest.mark.slow
+def test_dreamer_v2_learns_pendulum_from_states(tmp_path):
+    """50 episodes (10,000 env steps): the last 10 training episodes average at least 600 above
+    uniform random actions (about -1250 per 200-step episode)."""
+    random_return = random_pendulum_return()
+    assert -1500 < random_return < -1000
+    assert v2.main(to_cli({**LEARNING, "logdir": tmp_path / "run"})) == 0
+    returns = episode_returns(tmp_path / "run")
+    print(f"random {random_return:.0f}; last 10 training episodes {np.mean(returns[-10:]):.0f}")
+    assert len(returns) == 50
+    assert np.mean(returns[-10:]) > random_return + 600, (random_return, returns)
