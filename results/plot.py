@@ -7,6 +7,7 @@ steps, with the reference lines listed in the run's run.json ("references": {lab
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -38,10 +39,11 @@ def draw(run: Path) -> Path:
             ax.plot(*zip(*points), label=key.replace("_", " "), **style)
     for label, value in info.get("references", {}).items():
         ax.axhline(value, color="gray", linestyle="--", linewidth=1)
-        ax.annotate(label, (0, value), textcoords="offset points", xytext=(2, 3), fontsize=7)
+        ax.annotate(label, (0, value), xycoords=("axes fraction", "data"), textcoords="offset points",
+                    xytext=(3, 3), fontsize=7)
     ax.set_xlabel("environment steps")
     ax.set_ylabel("episode return")
-    ax.set_title(info.get("title", run.name), fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(info.get("title", run.name), 60)), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
