@@ -13,6 +13,7 @@ import common
 
 VARIANTS = ("dreamer_v1", "dreamer_v2")
 ALGO = {"dreamer_v1": "Dreamerv1", "dreamer_v2": "Dreamerv2"}
+EPISODE = 100                                # env steps per Pendulum episode in `tiny` runs
 
 
 def module(variant: str):
@@ -22,6 +23,21 @@ def module(variant: str):
 def to_cli(fields: dict) -> list[str]:
     """{"batch_size": 3} -> ["--batch_size", "3"]: every config field is a CLI flag."""
     return [part for key, value in fields.items() for part in (f"--{key}", str(value))]
+
+
+def tiny(variant, **overrides) -> dict:
+    """Config fields of a run that trains in about a second: prefill 100 random steps, then 2
+    updates every 50 env steps; a checkpoint every 100 steps; no evaluation unless asked."""
+    fields = dict(env="gym/Pendulum-v1", obs="state", device="cpu", seed=0,
+                  num_units=32, deter_size=32, stoch_size=8, hidden_size=32, obs_embed_size=32,
+                  batch_size=3, train_seq_len=10, imagine_horizon=4,
+                  seed_steps=100, train_every=50, train_steps=2, pretrain_steps=2,
+                  time_limit=EPISODE, total_steps=300, eval_every=10**6, eval_episodes=1,
+                  scalar_freq=50, checkpoint_interval=100, video=False)
+    if variant == "dreamer_v2":
+        fields.update(stoch_size=4, num_categories=4, slow_target_update=3)
+    fields.update(overrides)
+    return fields
 
 
 def run_main(variant: str, args, capsys):

@@ -11,20 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import helpers
 from helpers import VARIANTS, module, one_error_line, read_jsonl, run_main, to_cli
 
 torch.set_num_threads(1)
 
 
 def tiny(variant, **overrides) -> dict:
-    fields = dict(env="gym/Pendulum-v1", obs="state", device="cpu", seed=0, num_units=32,
-                  deter_size=32, stoch_size=8, hidden_size=32, batch_size=3, train_seq_len=10,
-                  imagine_horizon=4, seed_steps=100, train_every=50, train_steps=2,
-                  pretrain_steps=2, time_limit=100, total_steps=200, eval_every=10**6,
-                  scalar_freq=50, checkpoint_interval=10**6, video=False)
-    if variant == "dreamer_v2":
-        fields.update(stoch_size=4, num_categories=4)
-    return {**fields, **overrides}
+    """helpers.tiny, shortened to 200 env steps (two episodes) with only the final checkpoint."""
+    return helpers.tiny(variant, **{"total_steps": 200, "checkpoint_interval": 10**6, **overrides})
 
 
 def finite_losses(run, keys=("model_loss", "actor_loss", "value_loss")):

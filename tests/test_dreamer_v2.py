@@ -9,7 +9,6 @@ The numbers the preset tests expect are SPEC.md's (read from the official dreame
 not dreamer_v2.py's.
 """
 
-import json
 import math
 import shutil
 

@@ -37,12 +37,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ALGO, VARIANTS, module, one_error_line, read_jsonl, run_main
+from helpers import ALGO, EPISODE, VARIANTS, module, one_error_line, read_jsonl, run_main, tiny
 from helpers import to_cli as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER = {"dreamer_v1": "dreamer_v2", "dreamer_v2": "dreamer_v1"}
-EPISODE = 100                                        # env steps per Pendulum episode (time_limit)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -65,21 +64,6 @@ def quick_curves():
             mod = module(variant)
             patch.setattr(mod, "plot_curves", lambda logdir, *a, _mod=mod, **k: _mod.read_metrics(logdir) and None)
         yield
-
-
-def tiny(variant, **overrides) -> dict:
-    """Config fields of a run that trains in about a second: prefill 100 random steps, then 2
-    updates every 50 env steps; a checkpoint every 100 steps; no evaluation unless asked."""
-    fields = dict(env="gym/Pendulum-v1", obs="state", device="cpu", seed=0,
-                  num_units=32, deter_size=32, stoch_size=8, hidden_size=32, obs_embed_size=32,
-                  batch_size=3, train_seq_len=10, imagine_horizon=4,
-                  seed_steps=100, train_every=50, train_steps=2, pretrain_steps=2,
-                  time_limit=EPISODE, total_steps=300, eval_every=10**6, eval_episodes=1,
-                  scalar_freq=50, checkpoint_interval=100, video=False)
-    if variant == "dreamer_v2":
-        fields.update(stoch_size=4, num_categories=4, slow_target_update=3)
-    fields.update(overrides)
-    return fields
 
 
 def only_half_written_file_warnings(err: str) -> list[str]:
