@@ -38,6 +38,7 @@ import io
 import json
 import math
 import os
+import platform
 import random
 import re
 import signal
@@ -728,16 +729,17 @@ class ReplayBuffer:
     def can_sample(self) -> bool:
         return any(len(ep["reward"]) >= self.seq_len for ep in self.episodes.values())
 
-    def sample(self, batch_size: int) -> dict:
+    def sample(self, batch_size: int, rng: np.random.Generator | None = None) -> dict:
         """A batch of sequences, each from a uniformly chosen episode at a uniform start index.
-        Returns arrays (B, T, ...)."""
+        `rng`: a generator other than the replay's own. Returns arrays (B, T, ...)."""
+        rng = self.rng if rng is None else rng
         usable = [ep for ep in self.episodes.values() if len(ep["reward"]) >= self.seq_len]
         if not usable:
             raise RuntimeError(f"replay has no episode of at least {self.seq_len} steps")
         chunks = []
-        for i in self.rng.integers(0, len(usable), batch_size):
+        for i in rng.integers(0, len(usable), batch_size):
             episode = usable[i]
-            start = self.rng.integers(0, len(episode["reward"]) - self.seq_len + 1)
+            start = rng.integers(0, len(episode["reward"]) - self.seq_len + 1)
             chunks.append({k: v[start:start + self.seq_len] for k, v in episode.items()})
         return {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
 
@@ -804,6 +806,10 @@ class Dreamer(nn.Module):
             loss = loss - cfg.discount_scale * discount_like
             metrics["discount_loss"] = -discount_like
         metrics["model_loss"] = loss
+        with torch.no_grad():  # what tells the pitfalls apart (README, "When it does not learn")
+            metrics.update(prior_entropy=RSSM.dist(prior).entropy().mean(),
+                           post_entropy=RSSM.dist(post).entropy().mean(),
+                           kl_at_floor=(kl_metrics["kl"] < cfg.free_nats).float())
         return loss, post, metrics
 
     # --- Behaviour learning in imagination (Sec. 3)
@@ -869,6 +875,20 @@ class Dreamer(nn.Module):
         torch._dynamo.config.recompile_limit = 32    # MLP.forward serves heads of many shapes
         self.rssm.img_step = torch.compile(self.rssm.img_step)
         self.rssm.obs_step = torch.compile(self.rssm.obs_step)
+
+    @torch.no_grad()
+    def openloop(self, obs, action, context: int = 5):
+        """Open-loop prediction: filter the first `context` steps of a real sequence, then imagine
+        the rest from the real actions alone. obs: preprocessed (T, B, ...), action (T, B, A).
+        Returns the decoded predictions (T, B, ...): reconstructions for the first `context` steps,
+        imagined observations after them."""
+        post, _ = self.rssm.observe(self.encoder(obs[:context]), action[:context])
+        state = {k: v[-1] for k, v in post.items()}
+        feats = [self.rssm.feat(post)]
+        for t in range(context, obs.shape[0]):
+            state = self.rssm.img_step(state, action[t])
+            feats.append(self.rssm.feat(state)[None])
+        return self.decoder(torch.cat(feats)).float()
 
     # --- Acting (one environment step)
     @torch.no_grad()
@@ -1017,6 +1037,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def bf16_is_fast(device: torch.device) -> tuple[bool, str]:
+    """(whether `device` computes bf16 natively, why not). GPUs from Ampere on and CPUs with bf16
+    matrix instructions (x86 AVX-512 BF16 or AMX, ARM BF16) do; elsewhere bf16 is emulated in
+    software, which is slower than fp32."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.is_bf16_supported(including_emulation=False), "this GPU has no native bf16"
+        if platform.machine().lower() in ("arm64", "aarch64"):
+            return torch.ops.mkldnn._is_mkldnn_bf16_supported(), "this CPU has no native bf16"
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except (AttributeError, RuntimeError):  # a torch build without these checks
+        native = False
+    return native, "this CPU has no native bf16 (AVX-512 BF16 or AMX)"
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive updates with NaN/Inf losses or gradients."""
 
@@ -1027,6 +1062,11 @@ class DreamerAgent:
     def __init__(self, cfg: DreamerConfig, logdir=None, resume: bool = False):
         self.cfg = cfg = cfg.resolve()
         self.device = pick_device(cfg.device)
+        fast, why = bf16_is_fast(self.device)
+        if cfg.precision == 16 and not fast:  # said once; config.yaml records what runs
+            print(f"note: precision 16 runs as precision 32: {why}, and emulated bf16 is "
+                  f"slower than fp32", file=sys.stderr)
+            cfg.precision = 32
         self.logdir = Path(logdir or cfg.logdir or default_logdir(cfg))
         prepare_logdir(self.logdir, resume)
         if resume:                    # left by a run killed while writing (atomic_write_bytes)
@@ -1087,7 +1127,7 @@ class DreamerAgent:
         return metrics
 
     def autocast(self):
-        enabled = self.cfg.precision == 16 and self.device.type == "cuda"
+        enabled = self.cfg.precision == 16      # bf16 autocast; weights and losses stay fp32
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def optimize(self, name: str, loss: torch.Tensor, modules: list[nn.Module]) -> bool:
@@ -1232,9 +1272,27 @@ class DreamerAgent:
         if mean > self.best_eval:
             self.best_eval = mean
             self.dreamer.save(self.logdir / "ckpts" / "best" / "model.pt")
-        if cfg.video and self.dreamer.obs_key == "image" and self.replay.can_sample():
-            self.logger.video(self.dreamer, self.replay, c["env_steps"], self.device)
+        if self.replay.can_sample():
+            self.openloop_report()
         return mean
+
+    @torch.no_grad()
+    def openloop_report(self, context: int = 5, horizons=(1, 5, 15)) -> None:
+        """Open-loop predictions of 8 replay sequences (`Dreamer.openloop`), drawn with a generator
+        of their own so that evaluation never changes the training batches. The mean squared
+        error at imagined steps 1, 5 and 15 measures how fast imagination drifts from reality; from
+        pixels, 4 of the sequences are also written as a GIF."""
+        cfg, d = self.cfg, self.dreamer
+        batch = self.replay.sample(8, np.random.default_rng([cfg.seed, self.counters["evals"]]))
+        obs = d.preprocess(torch.as_tensor(batch[d.obs_key], device=self.device).transpose(0, 1))
+        model = d.openloop(obs, torch.as_tensor(batch["action"], device=self.device).transpose(0, 1),
+                           context)
+        error = ((model - obs) ** 2).flatten(2).mean((1, 2))                # (T,)
+        for k in horizons:
+            if context + k - 1 < len(error):
+                self.logger.scalar(f"openloop_mse_{k}", error[context + k - 1])
+        if cfg.video and d.obs_key == "image":
+            self.logger.video(obs[:, :4], model[:, :4], self.counters["env_steps"])
 
     # --- Checkpoints: everything needed to continue the same run
     def save_checkpoint(self) -> Path:
@@ -1443,23 +1501,12 @@ class Logger:
             self.wandb.log(record, step=step)
         return record
 
-    @torch.no_grad()
-    def video(self, dreamer: Dreamer, replay: ReplayBuffer, step: int, device, context=5) -> Path:
-        """Open-loop prediction: filter `context` real frames, then imagine the rest of the
-        sequence with the real actions. Rows: truth, model, error; one column per sequence."""
-        batch = replay.sample(4)
-        image = torch.as_tensor(batch["image"], device=device).transpose(0, 1)
-        action = torch.as_tensor(batch["action"], device=device).transpose(0, 1)
-        obs = dreamer.preprocess(image)
-        post, _ = dreamer.rssm.observe(dreamer.encoder(obs[:context]), action[:context])
-        state = {k: v[-1] for k, v in post.items()}
-        feats = [dreamer.rssm.feat(post)]
-        for t in range(context, image.shape[0]):
-            state = dreamer.rssm.img_step(state, action[t])
-            feats.append(dreamer.rssm.feat(state)[None])
-        model = dreamer.decoder(torch.cat(feats)).float().clamp(-0.5, 0.5)
-        error = (model - obs + 1) / 2 - 0.5
-        frames = torch.cat([obs, model, error], 2)                      # (T, B, 3H, W, C)
+    def video(self, truth, model, step: int) -> Path:
+        """The open-loop GIF: truth (T, B, 64, 64, C) and model predictions in [-0.5, 0.5]. Rows:
+        truth, model, error; one column per sequence."""
+        model = model.clamp(-0.5, 0.5)
+        error = (model - truth + 1) / 2 - 0.5
+        frames = torch.cat([truth, model, error], 2)                    # (T, B, 3H, W, C)
         frames = torch.cat(list(frames.transpose(0, 1)), 2)             # (T, 3H, B*W, C)
         frames = ((frames + 0.5) * 255).clamp(0, 255).byte().cpu().numpy()
         return save_gif(self.logdir / "videos" / f"openloop-{step:010d}.gif", frames)
@@ -1595,7 +1642,8 @@ def main(argv=None) -> int:
             print(f"eval_return {score:.2f} over {max(1, agent.cfg.eval_episodes)} episode(s)")
             return 0
         agent = DreamerAgent(config_from_args(args), resume=bool(args.resume))
-        print(f"run directory: {agent.logdir}  device: {agent.device}  "
+        precision = "bf16 autocast" if agent.cfg.precision == 16 else "fp32"
+        print(f"run directory: {agent.logdir}  device: {agent.device}  precision: {precision}  "
               f"parameters: {agent.dreamer.parameter_count():,}")
         agent.train()
         return 0
