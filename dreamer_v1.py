@@ -522,7 +522,7 @@ class Actor(nn.Module):
         self.raw_init_std = math.log(math.exp(cfg.actor_init_std) - 1)   # softplus^-1(init_std)
 
     def forward(self, feat):
-        x = self.net(feat)
+        x = self.net(feat).float()              # the distribution in fp32, under bf16 autocast too
         if self.discrete:
             return OneHotDist(x)
         mean, std = x.chunk(2, -1)
@@ -568,7 +568,7 @@ class RSSM(nn.Module):
             torch.distributions.Normal(state["mean"].float(), state["std"].float()), 1)
 
     def _stats(self, x) -> dict:
-        mean, std = x.chunk(2, -1)
+        mean, std = x.float().chunk(2, -1)                        # fp32 under bf16 autocast too
         std = F.softplus(std) + self.min_std
         stoch = mean + std * torch.randn_like(std)               # reparameterised sample
         return dict(mean=mean, std=std, stoch=stoch)

@@ -575,7 +575,7 @@ class Actor(nn.Module):
         self.raw_init_std = math.log(math.exp(cfg.actor_init_std) - 1)   # softplus^-1(init_std)
 
     def forward(self, feat):
-        x = self.net(feat)
+        x = self.net(feat).float()              # the distribution in fp32, under bf16 autocast too
         if self.discrete:
             return OneHotDist(x)
         mean, std = x.chunk(2, -1)

@@ -1,0 +1,109 @@
+"""Mixed precision (`precision: 16`): bf16 autocast on CUDA and on CPUs with native bf16, fp32
+everywhere else. What must hold whatever the hardware: bf16 changes only the matrix products, so
+one update agrees with fp32 from the same weights and batch; the distributions, the lambda-returns
+and the losses are computed in fp32; no parameter or optimiser state ever becomes bf16."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import VARIANTS, module
+
+torch.set_num_threads(1)
+LOSSES = ("model_loss", "obs_loss", "reward_loss", "kl", "actor_loss", "value_loss")
+
+
+def agent_with_batch(variant, obs, precision, tmp_path):
+    """A real agent on dmc cartpole-balance (sizes between the tests' tiny and the paper's) with a
+    synthetic replay, and one time-major batch from it. Built with precision 32 and switched after
+    construction, so that the bf16 path is exercised on any CPU (emulated where not native)."""
+    mod = module(variant)
+    fields = dict(env="dmc/cartpole-balance", obs=obs, device="cpu", seed=0, precision=32,
+                  fast_render=True, num_units=128, deter_size=128, hidden_size=128, cnn_depth=16,
+                  obs_embed_size=512, batch_size=4, train_seq_len=16, imagine_horizon=15,
+                  video=False, logdir=str(tmp_path / f"{obs}-{precision}"))
+    if variant == "dreamer_v2":
+        fields.update(stoch_size=16, num_categories=16)
+    agent = mod.DreamerAgent(mod.DreamerConfig(**fields))
+    agent.cfg.precision = precision
+    d, rng = agent.dreamer, np.random.default_rng(0)
+    for _ in range(2):
+        n = 40
+        episode = dict(action=rng.uniform(-1, 1, (n, d.action_size)).astype(np.float32),
+                       reward=rng.uniform(0, 1, n).astype(np.float32),
+                       discount=np.ones(n, np.float32), is_first=np.arange(n) == 0)
+        if obs == "pixels":
+            episode["image"] = rng.integers(0, 256, (n, *d.obs_shape), dtype=np.uint8)
+        else:
+            episode["state"] = rng.normal(size=(n, *d.obs_shape)).astype(np.float32)
+        agent.replay.add(episode)
+    batch = agent.replay.sample(4, np.random.default_rng(1))
+    batch = {k: torch.as_tensor(v).transpose(0, 1) for k, v in batch.items()
+             if k in ("image", "state", "action", "reward", "discount")}
+    return mod, agent, batch
+
+
+@pytest.mark.parametrize("obs", ["state", "pixels"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_bf16_update_agrees_with_fp32_and_keeps_fp32_state(variant, obs, tmp_path):
+    runs = {}
+    for precision in (32, 16):
+        mod, agent, batch = agent_with_batch(variant, obs, precision, tmp_path)
+        torch.manual_seed(5)                      # the same imagination and latent samples
+        runs[precision] = agent.update(batch)
+        params = list(agent.dreamer.parameters())
+        assert params and all(p.dtype == torch.float32 for p in params)
+        state = [t for opt in agent.optimizers.values() for s in opt.state.values()
+                 for t in s.values() if torch.is_tensor(t)]
+        assert state and all(t.dtype == torch.float32 for t in state)
+        agent.close()
+    fp32, bf16 = runs[32], runs[16]
+    for key in LOSSES:
+        # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%); 2% (or 0.02 near zero)
+        # leaves room for that rounding through 16-50 steps of recurrence, not for a wrong dtype.
+        assert math.isclose(bf16[key], fp32[key], rel_tol=0.02, abs_tol=0.02), (key, bf16[key], fp32[key])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_distributions_returns_and_losses_are_fp32_under_bf16(variant, tmp_path, monkeypatch):
+    mod, agent, batch = agent_with_batch(variant, "state", 16, tmp_path)
+    seen = {}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            seen.setdefault(name, []).append((args, out))
+            return out
+        monkeypatch.setattr(mod, name, wrapped)
+
+    spy("lambda_return", mod.lambda_return)
+    spy("kl_loss", mod.kl_loss)
+    with agent.autocast():
+        losses, _ = agent.dreamer.losses(batch)
+        embed = agent.dreamer.encoder(agent.dreamer.preprocess(batch["state"]))
+    assert embed.dtype == torch.bfloat16                         # autocast is really on
+    assert all(loss.dtype == torch.float32 for loss in losses.values())
+    args, returns = seen["lambda_return"][0]
+    assert returns.dtype == torch.float32
+    assert all(a.dtype == torch.float32 for a in args if torch.is_tensor(a))
+    (post, prior, *_), (kl, _) = seen["kl_loss"][0]
+    assert kl.dtype == torch.float32
+    assert mod.RSSM.dist(post).entropy().dtype == torch.float32
+    agent.close()
+
+
+def test_precision_16_without_native_bf16_runs_fp32_and_says_so(tmp_path, monkeypatch, capsys):
+    mod = module("dreamer_v2")
+    monkeypatch.setattr(mod, "bf16_is_fast", lambda device: (False, "this CPU has no native bf16"))
+    cfg = mod.DreamerConfig(env="gym/Pendulum-v1", obs="state", device="cpu", precision=16,
+                            num_units=16, deter_size=16, hidden_size=16, stoch_size=4,
+                            num_categories=4, logdir=str(tmp_path / "run"))
+    agent = mod.DreamerAgent(cfg)
+    err = capsys.readouterr().err
+    assert "precision 16 runs as precision 32" in err and "no native bf16" in err
+    assert agent.cfg.precision == 32
+    assert "precision: 32" in (tmp_path / "run" / "config.yaml").read_text()
+    with agent.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    agent.close()
