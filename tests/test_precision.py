@@ -47,22 +47,33 @@ def agent_with_batch(variant, obs, precision, tmp_path):
 @pytest.mark.parametrize("obs", ["state", "pixels"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_one_bf16_update_agrees_with_fp32_and_keeps_fp32_state(variant, obs, tmp_path):
-    runs = {}
-    for precision in (32, 16):
-        mod, agent, batch = agent_with_batch(variant, obs, precision, tmp_path)
-        torch.manual_seed(5)                      # the same imagination and latent samples
-        runs[precision] = agent.update(batch)
-        params = list(agent.dreamer.parameters())
-        assert params and all(p.dtype == torch.float32 for p in params)
-        state = [t for opt in agent.optimizers.values() for s in opt.state.values()
-                 for t in s.values() if torch.is_tensor(t)]
-        assert state and all(t.dtype == torch.float32 for t in state)
-        agent.close()
-    fp32, bf16 = runs[32], runs[16]
-    for key in LOSSES:
-        # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%); 2% (or 0.02 near zero)
-        # leaves room for that rounding through 16-50 steps of recurrence, not for a wrong dtype.
-        assert math.isclose(bf16[key], fp32[key], rel_tol=0.02, abs_tol=0.02), (key, bf16[key], fp32[key])
+    """The same weights and batch, and the same seed for the samples drawn inside the update."""
+    runs = {32: [], 16: []}
+    for seed in (0, 1, 2):
+        for precision in (32, 16):
+            mod, agent, batch = agent_with_batch(variant, obs, precision, tmp_path / str(seed))
+            torch.manual_seed(seed)
+            runs[precision].append(agent.update(batch))
+            params = list(agent.dreamer.parameters())
+            assert params and all(p.dtype == torch.float32 for p in params)
+            state = [t for opt in agent.optimizers.values() for s in opt.state.values()
+                     for t in s.values() if torch.is_tensor(t)]
+            assert state and all(t.dtype == torch.float32 for t in state)
+            agent.close()
+    for fp32, bf16 in zip(runs[32], runs[16]):
+        for key in ("model_loss", "obs_loss", "reward_loss", "kl"):
+            # bf16 keeps 8 bits of mantissa (a relative step of 0.4%); 2% leaves room for that
+            # rounding through the 16 steps of recurrence, not for a value computed in bf16.
+            assert math.isclose(bf16[key], fp32[key], rel_tol=0.02), (key, bf16[key], fp32[key])
+    for key in ("actor_loss", "value_loss"):
+        # These follow imagined trajectories of sampled latents, where a class that bf16 rounding
+        # moves across a sampling boundary changes the rest of the rollout. So the measure is the
+        # noise of the samples themselves: bf16 must move a loss by less than a quarter of what
+        # another seed moves it in fp32 (measured here: 1-13%).
+        seeds = [r[key] for r in runs[32]]
+        spread = max(seeds) - min(seeds)
+        worst = max(abs(b[key] - f[key]) for f, b in zip(runs[32], runs[16]))
+        assert spread > 0 and worst < 0.25 * spread, (key, worst, spread)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
