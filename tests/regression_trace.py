@@ -1,14 +1,15 @@
 """A regression trace of the training code: every loss of the first 20 updates and a digest of
 the final weights, for a tiny configuration on a real environment (dm_control cartpole-balance),
-fixed seed, CPU, fp32, one thread.
+fixed seed, CPU, one thread: fp32 for V1 and V2 from states and pixels, and bf16 autocast
+(`precision 16`, the CPU runs' setting) for both from states.
 
 This is the one kind of test here that compares the code with its own earlier output: it does not
 say the numbers are right (the math tests do that), it says that a change meant to keep behaviour
 (a refactor, a speed-up) kept it. `tests/data/trace.json` was written by the code before such
 changes; `tests/test_trace.py` checks that today's code gives the same numbers.
 
-    python tests/regression_trace.py dreamer_v2 state            # print one trace as JSON
-    python tests/regression_trace.py --write                     # rewrite tests/data/trace.json (all four)
+    python tests/regression_trace.py dreamer_v2 state 32     # print one trace as JSON
+    python tests/regression_trace.py --write                 # rewrite tests/data/trace.json (all six)
 
 The trace uses only what a user has: the config fields, the CLI entry point `main()`, the run
 directory's metrics.jsonl and its last checkpoint, loaded weights-only.
@@ -26,14 +27,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data" / "trace.json"
-CASES = [(v, o) for v in ("dreamer_v1", "dreamer_v2") for o in ("state", "pixels")]
+CASES = [(v, o, p) for v in ("dreamer_v1", "dreamer_v2") for o, p in
+         (("state", 32), ("pixels", 32), ("state", 16))]
 LOSSES = ("model_loss", "obs_loss", "reward_loss", "kl", "actor_loss", "value_loss")
 UPDATES = 20
 
 
-def fields(variant: str, obs: str) -> dict:
+def fields(variant: str, obs: str, precision: int) -> dict:
     """One update per agent step after a 100-step prefill, one metrics line per update."""
-    f = dict(env="dmc/cartpole-balance", obs=obs, device="cpu", seed=3, precision=32,
+    f = dict(env="dmc/cartpole-balance", obs=obs, device="cpu", seed=3, precision=precision,
              fast_render=True, num_units=32, deter_size=32, hidden_size=32, stoch_size=8,
              cnn_depth=8, obs_embed_size=256, batch_size=3, train_seq_len=10, imagine_horizon=5,
              time_limit=50, seed_steps=100, pretrain_steps=1, train_every=2, train_steps=1,
@@ -54,7 +56,7 @@ def weights_digest(state: dict) -> str:
     return hashlib.sha256("".join(hashes).encode()).hexdigest()
 
 
-def trace(variant: str, obs: str) -> dict:
+def trace(variant: str, obs: str, precision: int) -> dict:
     """Run the tiny configuration in this process and read back what it wrote."""
     import importlib
 
@@ -64,10 +66,10 @@ def trace(variant: str, obs: str) -> dict:
     module = importlib.import_module(variant)
     with tempfile.TemporaryDirectory() as tmp:
         logdir = Path(tmp) / "run"
-        args = [f"--{k}={v}" for k, v in fields(variant, obs).items()] + [f"--logdir={logdir}"]
+        args = [f"--{k}={v}" for k, v in fields(variant, obs, precision).items()] + [f"--logdir={logdir}"]
         rc = module.main(args)
         if rc != 0:
-            raise RuntimeError(f"{variant} {obs}: main() returned {rc}")
+            raise RuntimeError(f"{variant} {obs} {precision}: main() returned {rc}")
         records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
         updates = [{k: r[k] for k in LOSSES if k in r} for r in records if "model_loss" in r]
         ckpt = sorted((logdir / "ckpts").glob("ckpt-*.pt"))[-1]
@@ -79,10 +81,14 @@ def trace(variant: str, obs: str) -> dict:
                 square_sum=float(sum((t ** 2).sum() for t in tensors)))
 
 
-def run_in_subprocess(variant: str, obs: str) -> dict:
+def case_name(variant: str, obs: str, precision: int) -> str:
+    return f"{variant} {obs}" + (" bf16" if precision == 16 else "")
+
+
+def run_in_subprocess(variant: str, obs: str, precision: int) -> dict:
     """One trace in a fresh interpreter with one thread (thread count changes float sums)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    out = subprocess.run([sys.executable, __file__, variant, obs], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, __file__, variant, obs, str(precision)], capture_output=True, text=True,
                          env=env, cwd=ROOT, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -90,10 +96,10 @@ def run_in_subprocess(variant: str, obs: str) -> dict:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write"]:
         DATA.parent.mkdir(exist_ok=True)
-        result = {f"{v} {o}": run_in_subprocess(v, o) for v, o in CASES}
+        result = {case_name(*case): run_in_subprocess(*case) for case in CASES}
         DATA.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {DATA}")
     else:
-        result = trace(*sys.argv[1:3])
+        result = trace(sys.argv[1], sys.argv[2], int(sys.argv[3]))
         sys.stdout.flush()
         print(json.dumps(result))
