@@ -19,7 +19,9 @@ installed), its replay is filled with synthetic episodes, and then
                 (one update per `train_every` = 64 frames): env frames/s after the prefill.
 
 Modes are config flags only (the model code is the same): eager (precision 32, the reference), bf16
-(precision 16: bf16 autocast, CUDA only), compile (compile true), bf16+compile. Each time is the
+(precision 16: bf16 autocast, on CUDA and on CPUs with native bf16; skipped on other CPUs, where
+precision 16 runs as fp32), compile (compile true), bf16+compile. "vs eager" is the eager update's
+time over this mode's, measured in the same run. Each time is the
 median of `--repeats` calls after `--warmup` calls (compilation happens in the warm-up and is
 reported as "first call"); on CUDA every timing is wrapped in torch.cuda.synchronize().
 
@@ -54,12 +56,14 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 
-# name: (script module, env, image shape, action size, discrete) -- the shapes are the envs' own and
-# are only used when the backend is not installed (stand-in env).
+# name: (script module, env, observations, observation shape, action size, discrete) -- the shapes
+# are the envs' own and are only used when the backend is not installed (stand-in env).
 PRESETS = {
-    "v1-dmc": ("dreamer_v1", "dmc/walker-walk", (64, 64, 3), 6, False),
-    "v2-atari": ("dreamer_v2", "atari/Pong", (64, 64, 1), 6, True),
-    "v2-dmc": ("dreamer_v2", "dmc/walker-walk", (64, 64, 3), 6, False),
+    "v1-dmc": ("dreamer_v1", "dmc/walker-walk", "pixels", (64, 64, 3), 6, False),
+    "v1-dmc-state": ("dreamer_v1", "dmc/walker-walk", "state", (24,), 6, False),
+    "v2-atari": ("dreamer_v2", "atari/Pong", "pixels", (64, 64, 1), 6, True),
+    "v2-dmc": ("dreamer_v2", "dmc/walker-walk", "pixels", (64, 64, 3), 6, False),
+    "v2-dmc-state": ("dreamer_v2", "dmc/walker-walk", "state", (24,), 6, False),
 }
 MODES = {  # name: config fields
     "eager": dict(precision=32, compile=False),
@@ -87,8 +91,8 @@ class _Space:
 class StandInEnv:
     """Only what DreamerAgent's constructor reads from an env: observation shape and action space."""
 
-    def __init__(self, image_shape, action_size, discrete):
-        self.observation_space = {"image": _Space(image_shape)}
+    def __init__(self, key, shape, action_size, discrete):
+        self.observation_space = {key: _Space(shape)}
         self.action_size, self.discrete = action_size, discrete
 
     def close(self):
@@ -97,9 +101,10 @@ class StandInEnv:
 
 @contextlib.contextmanager
 def stand_in_env(module, preset):
-    _, _, shape, actions, discrete = PRESETS[preset]
+    _, _, obs, shape, actions, discrete = PRESETS[preset]
     original = module.make_env
-    module.make_env = lambda cfg, seed: StandInEnv(shape, actions, discrete)
+    key = "image" if obs == "pixels" else "state"
+    module.make_env = lambda cfg, seed: StandInEnv(key, shape, actions, discrete)
     try:
         yield
     finally:
@@ -107,8 +112,8 @@ def stand_in_env(module, preset):
 
 
 def config_fields(preset: str, mode: str, small: bool, device: str, logdir: str, **extra) -> dict:
-    script, env = PRESETS[preset][:2]
-    values = dict(env=env, device=device, logdir=logdir, seed=0, video=False, **MODES[mode])
+    script, env, obs = PRESETS[preset][:3]
+    values = dict(env=env, obs=obs, device=device, logdir=logdir, seed=0, video=False, **MODES[mode])
     if small:
         values.update(SMALL, **(SMALL_V2 if script == "dreamer_v2" else {}))
     values.update(extra)
@@ -138,8 +143,9 @@ def fill_replay(agent, episodes: int = 4, length: int | None = None) -> None:
             action = np.eye(d.action_size, dtype=np.float32)[rng.integers(0, d.action_size, n)]
         else:
             action = rng.uniform(-1, 1, (n, d.action_size)).astype(np.float32)
-        episode = {d.obs_key: rng.integers(0, 256, (n, *d.obs_shape), dtype=np.uint8),
-                   "action": action, "reward": rng.normal(size=n).astype(np.float32),
+        obs = rng.integers(0, 256, (n, *d.obs_shape), dtype=np.uint8) if d.obs_key == "image" \
+            else rng.normal(size=(n, *d.obs_shape)).astype(np.float32)
+        episode = {d.obs_key: obs, "action": action, "reward": rng.normal(size=n).astype(np.float32),
                    "discount": np.ones(n, np.float32), "is_first": np.arange(n) == 0}
         episode["action"][0] = 0
         agent.replay.add(episode)
@@ -192,8 +198,8 @@ def time_calls(fn, device, warmup: int, repeats: int, limit_s: float = math.inf,
 def bench_preset(preset: str, mode: str, args) -> dict:
     """One table row: update, policy step, act and sample times for `preset` in `mode`."""
     row = dict(preset=preset, mode=mode)
-    if "bf16" in mode and torch.device(args.device).type != "cuda":
-        row["note"] = "skipped: bf16 autocast is CUDA-only (on CPU, precision 16 runs the eager row)"
+    if "bf16" in mode and not bf16_native(args.device):
+        row["note"] = "skipped: no native bf16 here (precision 16 runs as fp32, the eager row)"
         return row
     if MODES[mode]["compile"]:
         torch._dynamo.reset()                 # no compiled code or guards from earlier rows
@@ -211,7 +217,8 @@ def bench_preset(preset: str, mode: str, args) -> dict:
             if not metrics.get("finite", 1.0) or not all(map(math.isfinite, metrics.values())):
                 note = (note + "; " if note else "") + "non-finite loss in the update"
             # The policy step: one observation, the latent state carried over like in the env loop.
-            obs_np = {d.obs_key: np.random.default_rng(1).integers(0, 256, (1, *d.obs_shape), dtype=np.uint8)}
+            obs_np = {d.obs_key: np.random.default_rng(1).integers(0, 256, (1, *d.obs_shape)).astype(
+                np.uint8 if d.obs_key == "image" else np.float32)}
             obs = torch.as_tensor(obs_np[d.obs_key], device=agent.device)
             state = [None]
 
@@ -266,8 +273,8 @@ def run_e2e(mode: str, args) -> dict:
     from the end of update 1 + warm-up to the end of the last timed update (acting, env steps,
     replay sampling, updates, logging; no evaluation or checkpoint inside the window)."""
     row = dict(mode=mode)
-    if "bf16" in mode and torch.device(args.device).type != "cuda":
-        row["note"] = "skipped: bf16 is CUDA-only"
+    if "bf16" in mode and not bf16_native(args.device):
+        row["note"] = "skipped: no native bf16 here"
         return row
     if MODES[mode]["compile"]:
         torch._dynamo.reset()
@@ -345,8 +352,17 @@ def commit() -> str:
         line[3:] for line in dirty.splitlines()) + ")" if dirty else "")
 
 
+def bf16_native(device) -> bool:
+    """Whether precision 16 runs bf16 on `device` (the scripts' own check)."""
+    return importlib.import_module("dreamer_v2").bf16_is_fast(torch.device(device))[0]
+
+
 def ms(seconds) -> str:
-    return "" if seconds is None else f"{seconds * 1e3:,.1f}"
+    """Milliseconds with 3 significant digits at least: a fast step (0.042 ms) is never 0.0."""
+    if seconds is None:
+        return ""
+    value = seconds * 1e3
+    return f"{value:,.1f}" if value >= 100 else f"{value:.3g}"
 
 
 def sec(seconds) -> str:
@@ -368,13 +384,15 @@ def report(rows, e2e_rows, args, command, load_before, revision) -> str:
         f"first call = the first warm-up call (compilation included; inductor's on-disk cache "
         f"shortens it on reruns). Policy step / act: median of {max(args.repeats, 20)} calls, batch 1.",
         "",
-        "| preset | mode | batch | update ms | updates/s | first call s | policy step ms | act ms | sample ms | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| preset | mode | batch | update ms | vs eager | updates/s | first call s | policy step ms | act ms | sample ms | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    eager = {r["preset"]: r.get("update") for r in rows if r["mode"] == "eager"}
     for r in rows:
-        upd = r.get("update")
+        upd, base = r.get("update"), eager.get(r["preset"])
+        speedup = f"{base / upd:.2f}x" if upd and base else ""
         lines.append(
-            f"| {r['preset']} | {r['mode']} | {r.get('batch', '')} | {ms(upd)} | "
+            f"| {r['preset']} | {r['mode']} | {r.get('batch', '')} | {ms(upd)} | {speedup} | "
             f"{'' if upd is None else f'{1 / upd:,.2f}'} | "
             f"{sec(r.get('first'))} | {ms(r.get('policy'))} | "
             f"{ms(r.get('act'))} | {ms(r.get('sample'))} | {r.get('note', '')} |")
