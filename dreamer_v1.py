@@ -1716,7 +1716,7 @@ def main(argv=None) -> int:
         print(f"run directory: {agent.logdir}  device: {agent.device}  precision: {precision}  "
               f"parameters: {agent.dreamer.parameter_count():,}")
         agent.train()
-        return 0
+        return 143 if agent.stop == "SIGTERM" else 0           # SIGINT raised KeyboardInterrupt
     except (ConfigError, CheckpointError, common.EnvError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
