@@ -215,20 +215,20 @@ FIELDS = {f.name: f.type for f in fields(DreamerConfig)}
 ALIASES = {"collect_steps": "train_every", "embed_size": "obs_embed_size",  # the doc page's names
            "pcont": "pred_discount", "pcont_scale": "discount_scale"}      # and the official code's
 ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
-POSITIVE = {"stoch_size", "deter_size", "hidden_size", "obs_embed_size", "cnn_depth",
-            "num_units", "min_std", "model_learning_rate", "imagine_horizon", "actor_learning_rate",
-            "value_learning_rate", "actor_init_std", "actor_mean_scale",
-            "batch_size", "train_seq_len", "grad_clip", "adam_eps", "train_every", "train_steps",
+POSITIVE = {"stoch_size", "deter_size", "hidden_size", "obs_embed_size", "cnn_depth", "num_units",
+            "model_learning_rate", "imagine_horizon", "actor_learning_rate", "value_learning_rate",
+            "actor_init_std", "actor_mean_scale", "batch_size", "train_seq_len", "grad_clip", "adam_eps", "train_every", "train_steps",
             "total_steps", "replay_capacity", "eval_every", "scalar_freq", "checkpoint_interval",
-            "keep_checkpoints", "max_nonfinite_updates", "action_repeat", "discount_scale"}
-CHOICES = {"obs": ("pixels", "state"), "act": tuple(ACTIVATIONS),
-           "actor_grad": ("dynamics", "reinforce"), "precision": (16, 32)}
+            "keep_checkpoints", "max_nonfinite_updates", "action_repeat", "discount_scale",
+            "min_std"}
+CHOICES = {"obs": ("pixels", "state"), "act": tuple(ACTIVATIONS), "precision": (16, 32),
+           "actor_grad": ("dynamics", "reinforce")}
 CHECKS = {  # field: (check, what is allowed)
     **{name: (lambda v: v > 0, "> 0") for name in POSITIVE},
     **{name: (lambda v: v >= 0, ">= 0") for name in FIELDS
        if FIELDS[name] in ("int", "float") and name not in POSITIVE | {"discount"}},
     **{name: (lambda v, c=c: v in c, " or ".join(map(repr, c))) for name, c in CHOICES.items()},
-    **{name: (lambda v: 0 <= v <= 1, f"0 <= {name} <= 1") for name in ("td_lambda",)},
+    **{name: (lambda v: 0 <= v <= 1, f"0 <= {name} <= 1") for name in ["td_lambda"]},
     "discount": (lambda v: 0 < v <= 1, "0 < discount <= 1"),
     "device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
 }
@@ -288,7 +288,7 @@ class OneHotDist:
 
 
 class TanhNormal:
-    """a = tanh(u), u ~ Normal(mean, std) per dimension (Eq. 3). The mode and the entropy
+    """a = tanh(u), u ~ Normal(mean, std) per dimension (V1 Eq. 3). The mode and the entropy
     have no closed form; as in the official code they are estimated from `samples` draws."""
 
     def __init__(self, mean, std, samples: int = 100):
@@ -439,7 +439,7 @@ class RSSM(nn.Module):
 
     @staticmethod
     def feat(state) -> torch.Tensor:
-        """The model state the heads read: concat(s_t, h_t)."""
+        """The model state the heads read: the stochastic and the deterministic state, concatenated."""
         return torch.cat([state["stoch"], state["deter"]], -1)
 
     @staticmethod
@@ -549,13 +549,14 @@ class WorldModel(nn.Module):
         return obs.float() / 255.0 - 0.5 if self.obs_key == "image" else obs.float()
 
     def loss(self, batch: dict):
-        """Eq. (10) on a batch of time-major tensors (T, B, ...): obs, action, reward, discount.
+        """The world-model loss (V1 Eq. 10, V2 Eq. 2) on time-major tensors (T, B, ...): obs, action,
+        reward, discount.
         Returns (loss, posterior states, metrics)."""
         cfg = self.cfg
         obs = self.preprocess(batch[self.obs_key])
         post, prior = self.rssm.observe(self.encoder(obs), batch["action"])
         feat = self.rssm.feat(post)
-        obs_like = gaussian_log_prob(obs, self.decoder(feat).float()).mean()  # J_O = ln q(o_t | s_t)
+        obs_like = gaussian_log_prob(obs, self.decoder(feat).float()).mean()  # observations' log-likelihood
         reward_like = gaussian_log_prob(batch["reward"][..., None],
                                         self.reward(feat).float()).mean()     # J_R = ln q(r_t | s_t)
         kl_term, kl_metrics = kl_loss(post, prior, cfg.free_nats, cfg.kl_loss_coeff)  # J_D
@@ -603,7 +604,8 @@ class WorldModel(nn.Module):
 # =================================================================================================
 
 def lambda_return(reward, value, discount, bootstrap, lambda_: float):
-    """V_lambda (Eq. 6) by its recursion, time-major: reward, value, discount (T, B); bootstrap (B).
+    """The lambda-return (V1 Eq. 6, V2 Eq. 4) by its recursion, time-major: reward, value, discount
+    (T, B); bootstrap (B).
 
         G_t = r_t + gamma_t * ((1 - lambda) * v_{t+1} + lambda * G_{t+1}),  v_T = G_T = bootstrap
 
@@ -627,7 +629,8 @@ class ActorCritic(nn.Module):
         self.value = MLP(feat_size, 1, 3, cfg.num_units, act)       # value model v_psi(s_t), Eq. (2)
 
     def loss(self, traj: Imagined):
-        """The action model loss (Eq. 7) and the value model loss (Eq. 8) of imagined trajectories:
+        """The actor loss (V1 Eq. 7, V2 Eq. 6) and the critic loss (V1 Eq. 8, V2 Eq. 5) of imagined
+        trajectories:
 
             states   s_0   s_1   s_2  ...  s_{H-1}   s_H      feat[t]
             actions        a_1   a_2  ...  a_{H-1}   a_H      action[t] led to feat[t]
@@ -637,7 +640,7 @@ class ActorCritic(nn.Module):
             value:   v(s_t) regresses onto V_t,            t = 1 .. H-1 (imagined states only, as
                      the official code)
 
-        Returns (actor loss, value loss, metrics)."""
+        Returns (actor loss, critic loss, metrics)."""
         cfg = self.cfg
         value = self.value(traj.feat).float().squeeze(-1)
         returns = lambda_return(traj.reward[:-1], value[:-1], traj.discount[:-1], value[-1],

@@ -71,7 +71,7 @@ import yaml
 
 import common
 
-ALGO = "Dreamerv2"
+ALGO = "Dreamerv2"                                 # V2: this file's variant
 # A NaN/Inf inside a forward pass must reach the loss, where the optimiser step is skipped and
 # counted; torch's argument validation of distributions would raise (and end the run) instead.
 torch.distributions.Distribution.set_default_validate_args(False)
@@ -146,7 +146,7 @@ class DreamerConfig:
     replay_capacity: int = 2_000_000   # agent steps kept in replay; the oldest episodes are deleted
     prioritize_ends: bool = False      # V2: start more sequences near episode ends (atari: true)
     # --- Evaluation, logging and checkpoints
-    eval_every: int = 10_000           # env steps between evaluations (atari 100000)
+    eval_every: int = 10_000           # env steps between evaluations (V2: atari 100000)
     eval_episodes: int = 1             # episodes per evaluation, with the actor's mode
     scalar_freq: int = 1000            # env steps between lines of metrics.jsonl
     checkpoint_interval: int = 10_000  # env steps between checkpoints
@@ -228,22 +228,23 @@ FIELDS = {f.name: f.type for f in fields(DreamerConfig)}
 ALIASES = {"collect_steps": "train_every", "embed_size": "obs_embed_size",  # the doc page's names
            "pcont": "pred_discount", "pcont_scale": "discount_scale"}      # and the official code's
 ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
-POSITIVE = {"stoch_size", "num_categories", "deter_size", "hidden_size", "obs_embed_size", "cnn_depth",
-            "num_units", "twohot_bins", "model_learning_rate", "imagine_horizon", "actor_learning_rate",
-            "value_learning_rate", "actor_init_std", "actor_mean_scale", "slow_target_update",
-            "batch_size", "train_seq_len", "grad_clip", "adam_eps", "train_every", "train_steps",
+POSITIVE = {"stoch_size", "deter_size", "hidden_size", "obs_embed_size", "cnn_depth", "num_units",
+            "model_learning_rate", "imagine_horizon", "actor_learning_rate", "value_learning_rate",
+            "actor_init_std", "actor_mean_scale", "batch_size", "train_seq_len", "grad_clip", "adam_eps", "train_every", "train_steps",
             "total_steps", "replay_capacity", "eval_every", "scalar_freq", "checkpoint_interval",
-            "keep_checkpoints", "max_nonfinite_updates", "action_repeat", "discount_scale"}
-CHOICES = {"obs": ("pixels", "state"), "act": tuple(ACTIVATIONS), "norm": ("none", "layer"),
-           "reward_head": ("mse", "twohot"), "clip_rewards": ("identity", "tanh"),
-           "actor_grad": ("auto", "dynamics", "reinforce", "both"), "precision": (16, 32),
-           "actor_dist": ("trunc_normal", "tanh_normal")}
+            "keep_checkpoints", "max_nonfinite_updates", "action_repeat", "discount_scale",
+            "num_categories", "twohot_bins", "slow_target_update"}                      # V2
+CHOICES = {"obs": ("pixels", "state"), "act": tuple(ACTIVATIONS), "precision": (16, 32),
+           "actor_grad": ("auto", "dynamics", "reinforce", "both"), "norm": ("none", "layer"),  # V2
+           "reward_head": ("mse", "twohot"), "clip_rewards": ("identity", "tanh"),             # V2
+           "actor_dist": ("trunc_normal", "tanh_normal")}                                      # V2
 CHECKS = {  # field: (check, what is allowed)
     **{name: (lambda v: v > 0, "> 0") for name in POSITIVE},
     **{name: (lambda v: v >= 0, ">= 0") for name in FIELDS
        if FIELDS[name] in ("int", "float") and name not in POSITIVE | {"discount"}},
     **{name: (lambda v, c=c: v in c, " or ".join(map(repr, c))) for name, c in CHOICES.items()},
-    **{name: (lambda v: 0 <= v <= 1, f"0 <= {name} <= 1") for name in ("kl_alpha", "td_lambda", "actor_grad_mix")},
+    **{name: (lambda v: 0 <= v <= 1, f"0 <= {name} <= 1")
+       for name in ["td_lambda", "kl_alpha", "actor_grad_mix"]},                                # V2
     "discount": (lambda v: 0 < v <= 1, "0 < discount <= 1"),
     "device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
 }
@@ -307,7 +308,7 @@ class OneHotDist:
 
 
 class TanhNormal:
-    """a = tanh(u), u ~ Normal(mean, std) per dimension (DreamerV1's actor). The mode and the entropy
+    """a = tanh(u), u ~ Normal(mean, std) per dimension (V1 Eq. 3). The mode and the entropy
     have no closed form; as in the official code they are estimated from `samples` draws."""
 
     def __init__(self, mean, std, samples: int = 100):
@@ -537,7 +538,7 @@ class RSSM(nn.Module):
 
     @staticmethod
     def feat(state) -> torch.Tensor:
-        """The model state the heads read: concat(z_t, h_t)."""
+        """The model state the heads read: the stochastic and the deterministic state, concatenated."""
         return torch.cat([state["stoch"], state["deter"]], -1)
 
     @staticmethod
@@ -551,7 +552,7 @@ class RSSM(nn.Module):
         return dict(logits=logits, stoch=straight_through_sample(logits).flatten(-2))
 
     def img_step(self, prev_state: dict, prev_action: torch.Tensor) -> dict:
-        """Recurrent model h_t = f(h_{t-1}, z_{t-1}, a_{t-1}), then the transition predictor
+        """V2: the recurrent model h_t = f(h_{t-1}, z_{t-1}, a_{t-1}), then the transition predictor
         p(z_t | h_t) (Eq. 1): the prior."""
         x = self.act(self.img_in(torch.cat([prev_state["stoch"], prev_action], -1)))
         deter = self.cell(x, prev_state["deter"])
@@ -559,7 +560,7 @@ class RSSM(nn.Module):
         return dict(**stats, deter=deter)
 
     def obs_step(self, prev_state: dict, prev_action, embed) -> tuple[dict, dict]:
-        """Representation model q(z_t | h_t, x_t) (Eq. 1): the prior's h_t plus the observation's
+        """V2: the representation model q(z_t | h_t, x_t) (Eq. 1): the prior's h_t and the observation's
         embedding. Returns (posterior, prior)."""
         prior = self.img_step(prev_state, prev_action)
         x = self.act(self.obs_out(torch.cat([prior["deter"], embed], -1)))
@@ -599,7 +600,7 @@ def stack(states: list[dict]) -> dict:
 
 
 # =================================================================================================
-# 5. World model (Sec. 2.1): encoder, RSSM, image, reward and discount predictors, trained by
+# 5. World model (V2: Sec. 2.1): encoder, RSSM, image, reward and discount predictors, trained by
 #    Eq. (2) with KL balancing (Algorithm 2); imagination and open-loop prediction.
 # =================================================================================================
 
@@ -646,7 +647,7 @@ class WorldModel(nn.Module):
         if self.obs_key == "image":
             self.encoder = ConvEncoder(obs_shape[-1], cfg.cnn_depth, cfg.obs_embed_size, act)  # V2: ELU
         else:  # vector observations: 4 x 400 Dense + act, the last layer the embedding
-            self.encoder = MLP(obs_shape[0], None, 4, cfg.num_units, act, cfg.norm)
+            self.encoder = MLP(obs_shape[0], None, 4, cfg.num_units, act, cfg.norm)    # V2: norm
         embed_size = cfg.obs_embed_size if self.obs_key == "image" else cfg.num_units
         self.feat_size = feat_size = cfg.stoch_size * cfg.num_categories + cfg.deter_size  # V2
         self.rssm = RSSM(action_size, embed_size, cfg, act)
@@ -679,14 +680,15 @@ class WorldModel(nn.Module):
         return out.squeeze(-1)
 
     def loss(self, batch: dict):
-        """Eq. (2) on a batch of time-major tensors (T, B, ...): obs, action, reward, discount.
+        """The world-model loss (V1 Eq. 10, V2 Eq. 2) on time-major tensors (T, B, ...): obs, action,
+        reward, discount.
         Returns (loss, posterior states, metrics)."""
         cfg = self.cfg
         obs = self.preprocess(batch[self.obs_key])
         post, prior = self.rssm.observe(self.encoder(obs), batch["action"])
         feat = self.rssm.feat(post)
-        obs_like = gaussian_log_prob(obs, self.decoder(feat).float()).mean()  # ln p(x_t | h_t, z_t)
-        reward_like = self.reward_log_prob(feat, batch["reward"]).mean()      # ln p(r_t | h_t, z_t)
+        obs_like = gaussian_log_prob(obs, self.decoder(feat).float()).mean()  # observations' log-likelihood
+        reward_like = self.reward_log_prob(feat, batch["reward"]).mean()      # V2: Gaussian or two-hot
         kl_term, kl_metrics = kl_loss(post, prior, cfg.free_nats, cfg.kl_loss_coeff,
                                       cfg.kl_alpha, cfg.free_avg)             # beta KL, balanced
         loss = kl_term - obs_like - reward_like
@@ -707,7 +709,7 @@ class WorldModel(nn.Module):
         """Imagination (Sec. 2.2) from every posterior state of the batch: T * B starts."""
         start = {k: v.detach().flatten(0, 1) for k, v in post.items()}
         feat, action = self.rssm.imagine(start, actor, self.cfg.imagine_horizon)
-        reward = self.reward_mean(feat)
+        reward = self.reward_mean(feat)                                 # V2: Gaussian or two-hot
         if self.discount_head is not None:
             discount = torch.sigmoid(self.discount_head(feat).float().squeeze(-1))
             # V2: the start state's discount is known from replay (0 after a true terminal).
@@ -730,12 +732,13 @@ class WorldModel(nn.Module):
 
 
 # =================================================================================================
-# 6. Actor-critic (Sec. 2.2), learned on imagined trajectories: lambda-targets (Eq. 4), the critic
-#    (Eq. 5) against a slow copy of itself, the actor (Eq. 6).
+# 6. Actor-critic (V2: Sec. 2.2), learned on imagined trajectories: lambda-targets (Eq. 4), the
+#    critic (Eq. 5) against a slow copy of itself, the actor (Eq. 6).
 # =================================================================================================
 
 def lambda_return(reward, value, discount, bootstrap, lambda_: float):
-    """V^lambda (Eq. 4) by its recursion, time-major: reward, value, discount (T, B); bootstrap (B).
+    """The lambda-return (V1 Eq. 6, V2 Eq. 4) by its recursion, time-major: reward, value, discount
+    (T, B); bootstrap (B).
 
         G_t = r_t + gamma_t * ((1 - lambda) * v_{t+1} + lambda * G_{t+1}),  v_T = G_T = bootstrap
 
@@ -768,9 +771,10 @@ class ActorCritic(nn.Module):
         self.slow_value.load_state_dict(self.value.state_dict())
 
     def loss(self, traj: Imagined):
-        """The actor loss (Eq. 6) and the critic loss (Eq. 5) of imagined trajectories:
+        """The actor loss (V1 Eq. 7, V2 Eq. 6) and the critic loss (V1 Eq. 8, V2 Eq. 5) of imagined
+        trajectories:
 
-            states   z_0   z_1   z_2  ...  z_{H-1}   z_H      feat[t]
+            states   z_0   z_1   z_2  ...  z_{H-1}   z_H      feat[t] (V2 writes z_t for V1's s_t)
             actions        a_1   a_2  ...  a_{H-1}   a_H      action[t] led to feat[t]
             targets  V_0   V_1   V_2  ...  V_{H-1}            returns[t], Eq. (4); v(z_H) bootstraps
             weights  1     g_0  g_0g_1 ...                    weights[t], prod of discounts before z_t
@@ -1288,7 +1292,7 @@ class NonFiniteError(RuntimeError):
 
 BOOLS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 # A run's env and networks are fixed: its checkpoint only fits those.
-FIXED_ON_RESUME = ("env", "env_backend", "obs", "action_repeat", "grayscale", "stoch_size",
+FIXED_ON_RESUME = ("env", "env_backend", "obs", "action_repeat", "grayscale", "stoch_size",  # V2: more
                    "num_categories", "deter_size", "hidden_size", "obs_embed_size", "cnn_depth",
                    "num_units", "act", "norm", "pred_discount", "reward_head", "twohot_bins", "actor_dist")
 

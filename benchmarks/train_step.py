@@ -9,7 +9,7 @@ What is timed is the training code itself, through the real classes: for each pr
 `DreamerAgent` is built (env included; a stand-in env with the preset's shapes if the backend is not
 installed), its replay is filled with synthetic episodes, and then
 
-- update:       `DreamerAgent.update(batch)` on one time-major batch drawn from that replay: world
+- update:       `Dreamer.update(batch)` on one time-major batch drawn from that replay: world
                 model, actor and critic losses, three backward passes, clipping, three AdamW steps;
 - policy step:  `Dreamer.policy_step(obs, state, explore=True)` for one observation on the device;
 - act:          `DreamerAgent.act(obs, state, explore=True)`: numpy observation in, numpy action out
@@ -143,9 +143,9 @@ def fill_replay(agent, episodes: int = 4, length: int | None = None) -> None:
             action = np.eye(d.action_size, dtype=np.float32)[rng.integers(0, d.action_size, n)]
         else:
             action = rng.uniform(-1, 1, (n, d.action_size)).astype(np.float32)
-        obs = rng.integers(0, 256, (n, *d.obs_shape), dtype=np.uint8) if d.obs_key == "image" \
+        obs = rng.integers(0, 256, (n, *d.obs_shape), dtype=np.uint8) if d.world_model.obs_key == "image" \
             else rng.normal(size=(n, *d.obs_shape)).astype(np.float32)
-        episode = {d.obs_key: obs, "action": action, "reward": rng.normal(size=n).astype(np.float32),
+        episode = {d.world_model.obs_key: obs, "action": action, "reward": rng.normal(size=n).astype(np.float32),
                    "discount": np.ones(n, np.float32), "is_first": np.arange(n) == 0}
         episode["action"][0] = 0
         agent.replay.add(episode)
@@ -212,14 +212,14 @@ def bench_preset(preset: str, mode: str, args) -> dict:
             batch = to_device(agent, agent.replay.sample(cfg.batch_size))
             warmup = max(args.warmup, 2) if cfg.compile else args.warmup   # compile: a recompile may follow
             row["update"], row["first"], limit_note, metrics = time_calls(
-                lambda: agent.update(batch), args.device, warmup, args.repeats, args.max_update_seconds,
+                lambda: agent.dreamer.update(batch), args.device, warmup, args.repeats, args.max_update_seconds,
                 cfg.compile)
             if not metrics.get("finite", 1.0) or not all(map(math.isfinite, metrics.values())):
                 note = (note + "; " if note else "") + "non-finite loss in the update"
             # The policy step: one observation, the latent state carried over like in the env loop.
-            obs_np = {d.obs_key: np.random.default_rng(1).integers(0, 256, (1, *d.obs_shape)).astype(
-                np.uint8 if d.obs_key == "image" else np.float32)}
-            obs = torch.as_tensor(obs_np[d.obs_key], device=agent.device)
+            obs_np = {d.world_model.obs_key: np.random.default_rng(1).integers(0, 256, (1, *d.obs_shape)).astype(
+                np.uint8 if d.world_model.obs_key == "image" else np.float32)}
+            obs = torch.as_tensor(obs_np[d.world_model.obs_key], device=agent.device)
             state = [None]
 
             def policy_step():
@@ -231,7 +231,7 @@ def bench_preset(preset: str, mode: str, args) -> dict:
             act_state = [None]
 
             def act():
-                action, act_state[0] = agent.act({d.obs_key: obs_np[d.obs_key][0]}, act_state[0], True)
+                action, act_state[0] = agent.act({d.world_model.obs_key: obs_np[d.world_model.obs_key][0]}, act_state[0], True)
                 return action
 
             row["act"] = time_calls(act, args.device, max(args.warmup, 3), calls)[0]
@@ -253,7 +253,7 @@ def profile_update(agent, batch, args, top: int = 25) -> str:
     sync(agent.device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
-        agent.update(batch)
+        agent.dreamer.update(batch)
         sync(agent.device)
         wall = time.perf_counter() - start
     events = prof.key_averages()
@@ -296,9 +296,9 @@ def run_e2e(mode: str, args) -> dict:
         def counted_train_batch():
             metrics = train_batch()
             sync(agent.device)
-            marks.append((time.perf_counter(), agent.counters["env_steps"]))
+            marks.append((time.perf_counter(), agent.step))
             if len(marks) == 1 + warm + updates:
-                agent.cfg.total_steps = agent.counters["env_steps"]   # the loop ends here
+                agent.cfg.total_steps = agent.step   # the loop ends here
             return metrics
 
         agent.train_batch = counted_train_batch

@@ -133,7 +133,7 @@ def test_compile_matches_eager(preset):
                 bench.fill_replay(agent)
                 batch = bench.to_device(agent, agent.replay.sample(agent.cfg.batch_size))
                 torch.manual_seed(123)
-                metrics = agent.update(batch)
+                metrics = agent.dreamer.update(batch)
                 params = {k: v.detach().clone() for k, v in agent.dreamer.named_parameters()}
                 results[mode] = metrics, params
             finally:

@@ -53,10 +53,10 @@ def test_one_bf16_update_agrees_with_fp32_and_keeps_fp32_state(variant, obs, tmp
         for precision in (32, 16):
             mod, agent, batch = agent_with_batch(variant, obs, precision, tmp_path / str(seed))
             torch.manual_seed(seed)
-            runs[precision].append(agent.update(batch))
+            runs[precision].append(agent.dreamer.update(batch))
             params = list(agent.dreamer.parameters())
             assert params and all(p.dtype == torch.float32 for p in params)
-            state = [t for opt in agent.optimizers.values() for s in opt.state.values()
+            state = [t for opt in agent.dreamer.optimizers.values() for s in opt.opt.state.values()
                      for t in s.values() if torch.is_tensor(t)]
             assert state and all(t.dtype == torch.float32 for t in state)
             agent.close()
@@ -90,11 +90,14 @@ def test_distributions_returns_and_losses_are_fp32_under_bf16(variant, tmp_path,
 
     spy("lambda_return", mod.lambda_return)
     spy("kl_loss", mod.kl_loss)
-    with agent.autocast():
-        losses, _ = agent.dreamer.losses(batch)
-        embed = agent.dreamer.encoder(agent.dreamer.preprocess(batch["state"]))
+    wm, ac = agent.dreamer.world_model, agent.dreamer.actor_critic
+    with agent.dreamer.autocast():
+        model_loss, post, _ = wm.loss(batch)
+        actor_loss, value_loss, _ = ac.loss(wm.imagine(post, ac.actor, *(
+            [batch["discount"]] if variant == "dreamer_v2" else [])))
+        embed = wm.encoder(wm.preprocess(batch["state"]))
     assert embed.dtype == torch.bfloat16                         # autocast is really on
-    assert all(loss.dtype == torch.float32 for loss in losses.values())
+    assert all(loss.dtype == torch.float32 for loss in (model_loss, actor_loss, value_loss))
     args, returns = seen["lambda_return"][0]
     assert returns.dtype == torch.float32
     assert all(a.dtype == torch.float32 for a in args if torch.is_tensor(a))
@@ -113,8 +116,9 @@ def test_precision_16_without_native_bf16_runs_fp32_and_says_so(tmp_path, monkey
     agent = mod.DreamerAgent(cfg)
     err = capsys.readouterr().err
     assert "precision 16 runs as precision 32" in err and "no native bf16" in err
-    assert agent.cfg.precision == 32
-    assert "precision: 32" in (tmp_path / "run" / "config.yaml").read_text()
-    with agent.autocast():
+    assert agent.cfg.precision == 32 and agent.dreamer.cfg.precision == 32
+    agent.cfg.to_yaml(tmp_path / "config.yaml")                  # what the run directory records
+    assert "precision: 32" in (tmp_path / "config.yaml").read_text()
+    with agent.dreamer.autocast():
         assert not torch.is_autocast_enabled("cpu")
     agent.close()
