@@ -1055,7 +1055,7 @@ class DreamerAgent:
                            save=Every(cfg.checkpoint_interval))
         self.logger, self.console = Logger(self.logdir, cfg), Console(cfg)
         if resume:
-            resume(self)
+            resume_run(self)
 
     # --- Algorithm 1: prefill with random actions, then collect with the policy and train every
     #     `train_every` env steps, evaluating, logging and checkpointing on their schedules.
@@ -1429,6 +1429,8 @@ def newest_checkpoint(directory: Path):
 def find_weights(path):
     """(file, data) for a .pt file, a run directory (its newest checkpoint), its ckpts/ or best/."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; allowed: a .pt file or a run directory")
     if path.suffix in (".yaml", ".yml"):
         raise CheckpointError(f"'{path}' is a config file, not a checkpoint; allowed: a .pt file or "
                               f"a run directory (a config goes to --config)")
@@ -1497,7 +1499,7 @@ def save_checkpoint(agent: DreamerAgent) -> Path:
     return path
 
 
-def resume(agent: DreamerAgent) -> None:
+def resume_run(agent: DreamerAgent) -> None:
     logdir, cfg = agent.logdir, agent.cfg
     for stale in logdir.rglob(".*.tmp[0-9]*"):  # left by a run killed while writing
         print(f"warning: removing half-written file {stale}", file=sys.stderr)
