@@ -6,6 +6,8 @@ outside the training loop, exploration noise, discrete actions in V1, and V2's o
 
 import importlib.util
 import math
+import re
+import types
 
 import numpy as np
 import pytest
@@ -54,33 +56,98 @@ def test_flagship_command_runs_one_update_at_the_official_sizes(variant, env, ar
         assert (cfg.batch_size, cfg.train_seq_len, cfg.grayscale) == (16, 50, True)
     else:
         assert (cfg.deter_size, cfg.stoch_size, cfg.cnn_depth, cfg.batch_size) == (200, 30, 32, 50)
-    ckpt = module(variant).safe_torch_load(sorted((run / "ckpts").glob("ckpt-*.pt"))[-1])
+    ckpt = module(variant).load_torch(sorted((run / "ckpts").glob("ckpt-*.pt"))[-1])
     assert ckpt["counters"]["updates"] == 1
     finite_losses(run)
 
 
 # =================================================================================================
-# The console: a progress bar with the percentage and the time left
+# The console: a progress bar with the percentage, and the time left from measured times
 # =================================================================================================
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_progress_bar(variant):
-    progress = module(variant).progress
-    # 5,000 of 20,000 steps at 10 steps/s: a quarter done, 15,000 steps = 1,500 s = 25 min left.
-    assert progress(5000, 20000, 10.0) == "[#####---------------]  25%      5000/20000 eta 0:25:00"
-    assert progress(1000, 100_000, 5.0).endswith("eta 5:30:00")     # 19,800 s
-    assert progress(0, 300, 0.0) == "[--------------------]   0%         0/300 eta -"
-    assert progress(300, 300, 50.0) == "[####################] 100%       300/300 eta -"
-    assert progress(299, 300, 2.0).endswith("eta 0:00:00")
+    """The bar, the percentage and the step count with thousands separators; nothing else."""
+    progress_bar = module(variant).progress_bar
+    assert progress_bar(5000, 20000) == "[#####---------------]  25%       5,000/20,000"
+    assert progress_bar(1000, 100_000) == "[--------------------]   1%       1,000/100,000"
+    assert progress_bar(1_234_567, 5_000_000) == "[#####---------------]  25%   1,234,567/5,000,000"
+    assert progress_bar(0, 300) == "[--------------------]   0%           0/300"
+    assert progress_bar(300, 300) == "[####################] 100%         300/300"
+    assert progress_bar(350, 300) == "[####################] 100%         350/300"   # bar clamped
+    assert progress_bar(1, 4, width=4) == "[#---]  25%           1/4"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_console_eta_from_measured_times(variant, tmp_path, monkeypatch):
+    """Console.eta by hand: the time per env step measured in the current phase without the
+    update time, times the env steps left, plus the updates still to come (owed, pretraining,
+    and train_steps per train_every of the steps after max(step, seed_steps)) times the running
+    average update time (first measurement, then 0.9 old + 0.1 new)."""
+    mod = module(variant)
+    agent = mod.DreamerAgent(mod.DreamerConfig(**tiny(
+        variant, logdir=str(tmp_path / "run"), total_steps=20_000, seed_steps=1000, train_every=100,
+        train_steps=2, pretrain_steps=10)))
+    try:
+        console = agent.console
+        monkeypatch.setattr(mod, "time", types.SimpleNamespace(time=lambda: 1000.0))
+
+        # Prefill, nothing measured: 10 + (20,000 - 1,000) // 100 * 2 = 390 updates to come.
+        agent.step, agent.pretrained, agent.pending_updates = 500, False, 0
+        console.phase_start, console.updating, console.update_time = (900.0, 0), 0.0, None
+        assert console.eta(agent) == "eta after the first update"
+
+        # The update time: the first measurement, then an exponential average; `updating` sums them.
+        console.update_seconds(1.0)
+        console.update_seconds(2.0)
+        assert console.update_time == pytest.approx(1.1) and console.updating == pytest.approx(3.0)
+
+        # Training: 1,000 env steps in 60 s of which 10 s were updates: 0.05 s per step; 3 owed +
+        # 15,000 // 100 * 2 = 303 updates at 0.5 s: 15,000 * 0.05 + 303 * 0.5 = 901.5 s.
+        agent.step, agent.pretrained, agent.pending_updates = 5000, True, 3
+        console.phase_start, console.updating, console.update_time = (940.0, 4000), 10.0, 0.5
+        assert console.eta(agent) == "eta 0:15:01 (303 updates to go)"
+
+        # Pretraining owed: 100 steps in 10 s, 0.1 s per step; 10 + 19,000 // 100 * 2 = 390 updates
+        # at 0.2 s: 19,000 * 0.1 + 390 * 0.2 = 1,978 s.
+        agent.step, agent.pending_updates = 1000, 10
+        console.phase_start, console.updating, console.update_time = (990.0, 900), 0.0, 0.2
+        assert console.eta(agent) == "eta 0:32:58 (390 updates to go)"
+
+        # Done: nothing left, whatever was measured.
+        agent.step, agent.pending_updates = 20_000, 0
+        console.update_time = None
+        assert console.eta(agent) == "eta 0:00:00 (0 updates to go)"
+
+        # Hours and thousands: 4,000,000 steps at 600 s / 1,000,000 and 400,000 updates at 0.05 s:
+        # 2,400 + 20,000 = 22,400 s.
+        agent.cfg.total_steps, agent.cfg.train_every, agent.cfg.train_steps = 5_000_000, 10, 1
+        agent.step, agent.pending_updates = 1_000_000, 0
+        console.phase_start, console.updating, console.update_time = (0.0, 0), 400.0, 0.05
+        assert console.eta(agent) == "eta 6:13:20 (400,000 updates to go)"
+    finally:
+        agent.close()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_console_lines_carry_the_progress_bar(variant, tmp_path, capsys):
+    """A line at each metrics write (env steps 100, 150, 200; at 50 there is nothing to write),
+    each the progress bar, the ETA and the shown metrics, with a `phase:` line where the phase
+    changes. The first update comes only once the first episode is in replay, after step 100."""
     rc, out, err = run_main(variant, to_cli(tiny(variant, logdir=tmp_path / "run")), capsys)
     assert rc == 0, err
-    lines = [line for line in out.splitlines() if line.startswith("[")]
-    assert len(lines) == 3           # at env steps 100, 150, 200 (at 50 there is nothing to write)
-    assert lines[-1].startswith("[####################] 100%       200/200 eta -")
+    lines = [line for line in out.splitlines() if line.startswith(("[", "phase: "))]
+    assert len(lines) == 6, out
+    assert lines[0] == "phase: prefill, random actions until env step 100"
+    assert lines[1] == "phase: pretraining, 2 updates on the prefill"
+    assert lines[2].startswith("[##########----------]  50%         100/200 eta after the first update "
+                               "train_return ")
+    assert lines[3] == "phase: training, 2 update(s) every 50 env steps"
+    assert re.match(r"\[###############-----\]  75%         150/200 eta \d:\d\d:\d\d \(2 updates to go\) "
+                    r"model_loss ", lines[4]), lines[4]
+    assert lines[5].startswith("[####################] 100%         200/200 eta 0:00:00 (0 updates to go) "
+                               "train_return ")
+    assert "fps " in lines[5]
 
 
 # =================================================================================================
@@ -95,7 +162,7 @@ def test_v1_parameter_count_by_hand():
     """V1 on a 3-d state with 1-d actions; units 8, deter 6, hidden 5, stoch 4 (feat 10)."""
     mod = module("dreamer_v1")
     cfg = mod.DreamerConfig(env="gym/Pendulum-v1", obs="state", num_units=8, deter_size=6,
-                            hidden_size=5, stoch_size=4).resolve()
+                            hidden_size=5, stoch_size=4)
     model = mod.Dreamer(cfg, (3,), 1, False)
     gru = 3 * 6 * 5 + 3 * 6 * 6 + 2 * 3 * 6                 # input and recurrent kernels, 2 biases
     expected = dict(
@@ -114,7 +181,7 @@ def test_v1_parameter_count_by_hand():
 def test_v2_parameter_count_leaves_out_the_slow_critic():
     mod = module("dreamer_v2")
     cfg = mod.DreamerConfig(env="gym/Pendulum-v1", obs="state", num_units=8, deter_size=6,
-                            hidden_size=5, stoch_size=4, num_categories=3).resolve()
+                            hidden_size=5, stoch_size=4, num_categories=3)
     model = mod.Dreamer(cfg, (3,), 1, False)
     summary = model.summary()
     # the layer-normed GRU: one Dense on [x, h] to 3 * deter, and LayerNorm's gain and bias
@@ -122,7 +189,7 @@ def test_v2_parameter_count_leaves_out_the_slow_critic():
                                              + dense(5, 12) + dense(6 + 8, 5) + dense(5, 12))
     assert summary["parameters"]["value"] == dense(18, 8) + 3 * dense(8, 8) + dense(8, 1)
     assert summary["total_parameters"] == sum(summary["parameters"].values())
-    slow = sum(p.numel() for p in model.slow_value.parameters())
+    slow = sum(p.numel() for p in model.actor_critic.slow_value.parameters())
     assert sum(p.numel() for p in model.parameters()) == summary["total_parameters"] + slow
 
 
@@ -133,6 +200,7 @@ def test_from_config_with_a_seed(variant, tmp_path):
     agent = mod.DreamerAgent.from_config(tmp_path / "cfg.yaml", seed=7, batch_size=5)
     try:
         assert (agent.cfg.seed, agent.cfg.batch_size, agent.cfg.num_units) == (7, 5, 32)
+        assert not (tmp_path / "run").exists()                  # nothing is written before train()
         assert agent.summary()["total_parameters"] == agent.dreamer.parameter_count()
     finally:
         agent.close()
@@ -165,6 +233,7 @@ def test_ctrl_c_during_set_up_is_one_line(variant, tmp_path, capsys, monkeypatch
     rc, _, err = run_main(variant, to_cli(tiny(variant, logdir=tmp_path / "run")), capsys)
     assert rc == 130
     assert "interrupted" in one_error_line(err)
+    assert not (tmp_path / "run").exists()                      # nothing was written
 
 
 # =================================================================================================
@@ -175,7 +244,7 @@ def test_ctrl_c_during_set_up_is_one_line(variant, tmp_path, capsys, monkeypatch
 def test_v1_exploration_noise_has_the_configured_distribution():
     mod = module("dreamer_v1")
     torch.manual_seed(0)
-    cfg = mod.DreamerConfig(env="gym/Pendulum-v1", obs="state", num_units=8).resolve()
+    cfg = mod.DreamerConfig(env="gym/Pendulum-v1", obs="state", num_units=8)
     noisy = mod.Dreamer(cfg, (3,), 2, False).explore(torch.zeros(50_000, 2))
     assert noisy.mean().item() == pytest.approx(0.0, abs=0.005)
     assert noisy.std().item() == pytest.approx(0.3, rel=0.02)
@@ -184,7 +253,7 @@ def test_v1_exploration_noise_has_the_configured_distribution():
     # P(0.9 + N(0, 0.3) > 1) = P(Z > 1/3) = 0.3694
     assert (near_edge == 1.0).float().mean().item() == pytest.approx(0.3694, abs=0.01)
 
-    cfg = mod.DreamerConfig(env="atari/Pong", obs="state", num_units=8, action_noise=0.4).resolve()
+    cfg = mod.DreamerConfig(env="atari/Pong", obs="state", num_units=8, action_noise=0.4)
     greedy = torch.zeros(60_000, 6)
     greedy[:, 2] = 1
     picked = mod.Dreamer(cfg, (3,), 6, True).explore(greedy)
@@ -218,8 +287,9 @@ def test_v2_options_layer_norm_silu_and_two_hot_reward_train(tmp_path, capsys):
     model = mod.Dreamer.from_pretrained(run / "ckpts")
     kinds = {type(m) for m in model.modules()}
     assert nn.SiLU in kinds and nn.ELU not in kinds
-    assert any(isinstance(m, nn.LayerNorm) for m in model.reward.modules())    # MLPs normed
-    assert model.reward.net[-1].out_features == 255                             # two-hot bins
+    reward = model.world_model.reward
+    assert any(isinstance(m, nn.LayerNorm) for m in reward.modules())          # MLPs normed
+    assert reward.net[-1].out_features == 255                                   # two-hot bins
 
 
 @pytest.mark.parametrize("life_loss_discount", [True, False])

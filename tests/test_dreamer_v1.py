@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -203,12 +204,13 @@ def test_conv_decoder_produces_64x64_images(channels):
 
 
 def test_rssm_observe_and_imagine_shapes(tiny_config):
-    cfg = tiny_config(env="gym/Pendulum-v1", obs="state").resolve()
+    cfg = tiny_config(env="gym/Pendulum-v1", obs="state")
     model = Dreamer(cfg, obs_shape=(3,), action_size=2, discrete=False)
+    wm, actor = model.world_model, model.actor_critic.actor
     T, B, H = 6, 3, cfg.imagine_horizon
-    embed = model.encoder(torch.randn(T, B, 3))
+    embed = wm.encoder(torch.randn(T, B, 3))
     action = torch.rand(T, B, 2) * 2 - 1
-    post, prior = model.rssm.observe(embed, action)
+    post, prior = wm.rssm.observe(embed, action)
     for states in (post, prior):
         assert states["mean"].shape == states["std"].shape == states["stoch"].shape == (T, B, 8)
         assert states["deter"].shape == (T, B, 32)
@@ -216,12 +218,18 @@ def test_rssm_observe_and_imagine_shapes(tiny_config):
     # Eq. (1): posterior and prior of step t share the deterministic state h_t
     assert_close(post["deter"], prior["deter"])
     start = {k: v.flatten(0, 1) for k, v in post.items()}
-    feats, actions = model.rssm.imagine(start, model.actor, H)
+    feats, actions = wm.rssm.imagine(start, actor, H)
     assert feats.shape == (H + 1, T * B, 8 + 32)
     assert actions.shape == (H + 1, T * B, 2)
     assert torch.equal(actions[0], torch.zeros_like(actions[0]))
     assert actions.abs().max() <= 1
     assert_close(feats[0], torch.cat([start["stoch"], start["deter"]], -1))
+    # The world model's imagination adds the heads' predictions along the trajectory.
+    traj = wm.imagine(post, actor)
+    assert isinstance(traj, dreamer_v1.Imagined)
+    assert traj.feat.shape == (H + 1, T * B, 8 + 32) and traj.action.shape == (H + 1, T * B, 2)
+    assert traj.reward.shape == traj.discount.shape == (H + 1, T * B)
+    assert cfg.pred_discount and ((traj.discount > 0) & (traj.discount < 1)).all()   # the gym preset
 
 
 # =================================================================================================
@@ -237,18 +245,18 @@ def test_actor_gradient_is_the_derivative_of_the_imagined_return(tiny_config):
     here: a learned one enters the trajectory weights, which are a stop-gradient by design, and
     the finite difference would see that path. The actor reads stop-gradient states (as in the
     official code), a path of about 1.5% of the gradient that the tolerance covers."""
-    cfg = tiny_config(env="gym/Pendulum-v1", obs="state", pred_discount=False).resolve()
+    cfg = tiny_config(env="gym/Pendulum-v1", obs="state", pred_discount=False)
     torch.manual_seed(0)
     model = Dreamer(cfg, obs_shape=(3,), action_size=1, discrete=False)
-    post, _ = model.rssm.observe(model.encoder(torch.randn(5, 4, 3)), torch.rand(5, 4, 1) * 2 - 1)
+    wm, ac = model.world_model, model.actor_critic
+    post, _ = wm.rssm.observe(wm.encoder(torch.randn(5, 4, 3)), torch.rand(5, 4, 1) * 2 - 1)
     post = {k: v.detach() for k, v in post.items()}
 
     def actor_loss():
         torch.manual_seed(1)
-        feat, action, reward, discount = model.imagine(post)
-        return model.actor_loss(feat, action, reward, discount)[0]
+        return ac.loss(wm.imagine(post, ac.actor))[0]
 
-    bias = model.actor.net.net[-1].bias          # output layer: [mean, std] pre-activations
+    bias = ac.actor.net.net[-1].bias             # output layer: [mean, std] pre-activations
     (gradient,) = torch.autograd.grad(actor_loss(), bias)
     h = 0.03
     for i in range(2):
@@ -464,9 +472,10 @@ def test_from_pretrained_reproduces_the_actions(which, request, tmp_path):
     assert all(torch.equal(v, original[k]) for k, v in loaded.state_dict().items())
     assert loaded.parameter_count() == agent.dreamer.parameter_count() > 0
     restored_agent = DreamerAgent.from_pretrained(path, logdir=str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()          # its run directory waits for train()
     # One replay sequence fed step by step to each policy (filtering, then acting), with and
     # without exploration noise: the same torch seed must give the same actions.
-    obs_key = agent.dreamer.obs_key
+    obs_key = agent.dreamer.world_model.obs_key
     sequence = agent.replay.sample(1)[obs_key][0]
 
     def actions(model, explore, seed=123):
@@ -484,17 +493,46 @@ def test_from_pretrained_reproduces_the_actions(which, request, tmp_path):
     restored_agent.close()
 
 
-def test_eval_only_on_a_finished_run(copied_state_run, tmp_path, capsys, monkeypatch):
-    """`--eval_only RUN/ckpts` evaluates in a new run directory; the finished run is untouched
-    (it was started with --logdir, which its saved config remembers)."""
+@pytest.mark.parametrize("where, evaluated", [
+    ("", "ckpts/ckpt-0000000300.pt"),                  # a run directory: its newest checkpoint
+    ("ckpts", "ckpts/ckpt-0000000300.pt"),
+    ("ckpts/best", "ckpts/best/model.pt"),             # the best evaluation's weights
+    ("ckpts/ckpt-0000000200.pt", "ckpts/ckpt-0000000200.pt"),
+])
+def test_eval_only_on_a_finished_run(where, evaluated, copied_state_run, tmp_path, capsys, monkeypatch):
+    """`--eval_only` takes a run directory, its ckpts/ or ckpts/best/, or a .pt file; it prints
+    which file it evaluated over how many episodes, creates no directory anywhere (not under
+    ./runs either) and leaves the finished run untouched."""
     logdir = copied_state_run
     before = {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()}
-    monkeypatch.chdir(tmp_path)                      # the new run directory goes under ./runs
-    rc = run_main(["--eval_only", logdir / "ckpts"])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    rc = run_main(["--eval_only", logdir / where])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    assert "eval_return" in out.out
+    lines = [line for line in out.out.splitlines() if line.startswith("eval_return")]
+    assert len(lines) == 1, out.out
+    match = re.fullmatch(r"eval_return (-?\d+\.\d\d) over 1 episode\(s\) of (.+)", lines[0])
+    assert match, lines[0]
+    assert Path(match.group(2)) == logdir / evaluated
+    assert -2000 < float(match.group(1)) <= 0                  # a 100-step Pendulum episode
+    assert list(cwd.iterdir()) == []
     assert {p: p.read_bytes() for p in logdir.rglob("*") if p.is_file()} == before
+
+
+def test_eval_only_with_logdir_writes_only_eval_json(copied_state_run, tmp_path, capsys):
+    """`--eval_only RUN --logdir D`: D holds eval.json (the file, the episodes, the return
+    printed), and nothing else."""
+    out_dir = tmp_path / "evaluation"
+    rc = run_main(["--eval_only", copied_state_run, "--logdir", out_dir, "--eval_episodes", 2])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert [p.name for p in out_dir.iterdir()] == ["eval.json"]
+    record = json.loads((out_dir / "eval.json").read_text())
+    assert Path(record["checkpoint"]) == copied_state_run / "ckpts" / "ckpt-0000000300.pt"
+    assert record["episodes"] == 2
+    assert f"eval_return {record['eval_return']:.2f} over 2 episode(s) of" in out.out
 
 
 # --- Resuming ---------------------------------------------------------------------------------------
@@ -541,15 +579,18 @@ def test_yaml_round_trip_keeps_the_domain_preset(tmp_path):
     """SPEC's API: cfg = DreamerConfig(env="atari/Pong"); cfg.to_yaml(f); DreamerConfig.from_yaml(f)
     must describe the same run (Atari: action repeat 4, grayscale, discount head)."""
     cfg = DreamerConfig(env="atari/Pong")
+    # the preset is applied at construction: the fields read are the fields that run
+    assert (cfg.action_repeat, cfg.grayscale, cfg.pred_discount, cfg.time_limit) == (4, True, True, 108_000)
     cfg.to_yaml(tmp_path / "cfg.yaml")
-    loaded = DreamerConfig.from_yaml(tmp_path / "cfg.yaml").resolve()
-    assert loaded.to_dict() == cfg.resolve().to_dict()
+    assert yaml.safe_load((tmp_path / "cfg.yaml").read_text())["algo"] == "Dreamerv1"
+    loaded = DreamerConfig.from_yaml(tmp_path / "cfg.yaml")
+    assert loaded.to_dict() == cfg.to_dict()
 
 
 def test_gym_episodes_use_the_registered_time_limit():
     """The gym preset keeps gymnasium's own episode length (Pendulum-v1: 200 steps), so returns
     are comparable with every published Pendulum number."""
-    cfg = DreamerConfig(env="gym/Pendulum-v1", obs="state").resolve()
+    cfg = DreamerConfig(env="gym/Pendulum-v1", obs="state")
     with dreamer_v1.make_env(cfg, seed=0) as env:
         assert env.time_limit == 200
 
@@ -606,11 +647,11 @@ def test_bad_values_on_the_command_line(argv, words, tmp_path, capsys):
 
 def test_config_api_rejects_negative_learning_rate_and_other_algo(tmp_path):
     with pytest.raises(ConfigError, match="model_learning_rate"):
-        DreamerConfig(env="gym/Pendulum-v1", model_learning_rate=-1e-3).resolve()
+        DreamerConfig(env="gym/Pendulum-v1", model_learning_rate=-1e-3)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"algo": "Dreamerv2", "env": "dmc/walker-walk"}))
     with pytest.raises(ConfigError, match="dreamer_v2.py"):
-        DreamerConfig.from_yaml(path).resolve()
+        DreamerConfig.from_yaml(path)
 
 
 def test_resume_with_only_damaged_checkpoints(copied_state_run, tmp_path, capsys):
@@ -645,8 +686,8 @@ def test_from_pretrained_refuses_damaged_or_foreign_files(state_run, tmp_path):
     for path in (truncated, garbage):
         with pytest.raises(CheckpointError, match="cannot load checkpoint"):
             Dreamer.from_pretrained(path)
-    with pytest.raises(CheckpointError, match="does not exist"):
-        Dreamer.from_pretrained(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="is a config file, not a checkpoint"):
+        Dreamer.from_pretrained(original / "config.yaml")
     # Loading never executes code: a pickle that would create a file is refused unopened.
     marker = tmp_path / "pwned"
 
@@ -662,6 +703,13 @@ def test_from_pretrained_refuses_damaged_or_foreign_files(state_run, tmp_path):
     with pytest.raises(CheckpointError):
         Dreamer.from_pretrained(evil)
     assert not marker.exists()
+
+
+def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    """A path that is not there is named as missing, not as a file or directory without a
+    checkpoint in it."""
+    with pytest.raises(CheckpointError, match="missing.pt' does not exist"):
+        Dreamer.from_pretrained(tmp_path / "missing.pt")
 
 
 def test_an_empty_checkpoint_file_is_a_clear_error(tmp_path):

@@ -9,7 +9,9 @@ The numbers the preset tests expect are SPEC.md's (read from the official dreame
 not dreamer_v2.py's.
 """
 
+import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -18,7 +20,8 @@ import torch
 import torch.nn as nn
 
 import dreamer_v2 as v2
-from helpers import episode_returns, lambda_return_by_definition, random_pendulum_return, read_jsonl, to_cli
+from helpers import (episode_returns, lambda_return_by_definition, one_error_line, random_pendulum_return,
+                     read_jsonl, to_cli)
 
 torch.set_num_threads(1)
 
@@ -309,11 +312,25 @@ def test_rssm_stoch_passes_the_straight_through_gradient_to_its_logits():
     assert rssm.post_head.weight.grad.abs().sum() > 0       # and on into the network
 
 
-def test_unimix_puts_a_floor_of_unimix_over_classes_under_every_probability():
-    """probs = (1 - u) softmax(x) + u / K. A near one-hot raw softmax (bias 50 on class 0) must
-    come out as (1 - u + u/K, u/K, ..., u/K)."""
-    u = 0.1
-    cfg = small_config(unimix=u)
+def test_unimix_is_refused_and_the_latent_probabilities_are_the_plain_softmax(tmp_path, capsys):
+    """DreamerV2 has no uniform mixture of the latent probabilities: the field `unimix` is an
+    unknown field wherever a config comes from (constructor, YAML, command line), and the RSSM's
+    posterior is the plain softmax of its head, so a near one-hot head output (bias 50 on class 0)
+    keeps probabilities far below any floor."""
+    assert "unimix" not in v2.FIELDS
+    with pytest.raises(v2.ConfigError, match=r"^unknown config field 'unimix'"):
+        small_config(unimix=0.1)
+    path = tmp_path / "cfg.yaml"
+    path.write_text("env: dmc/walker-walk\nunimix: 0.01\n")
+    with pytest.raises(v2.ConfigError, match=r"^unknown config field 'unimix'"):
+        v2.DreamerConfig.from_yaml(path)
+    rc = v2.main(["--env", "dmc/walker-walk", "--unimix", "0.01", "--logdir", str(tmp_path / "run")])
+    assert rc == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "unknown argument '--unimix'" in line and "unknown config field 'unimix'" in line
+    assert not (tmp_path / "run").exists()
+
+    cfg = small_config()
     rssm = v2.RSSM(action_size=2, embed_size=6, cfg=cfg)
     with torch.no_grad():
         rssm.post_head.weight.zero_()
@@ -321,13 +338,9 @@ def test_unimix_puts_a_floor_of_unimix_over_classes_under_every_probability():
     post, _ = rssm.obs_step(rssm.initial(2, "cpu"), torch.zeros(2, 2), torch.randn(2, 6))
     probs = torch.softmax(post["logits"].detach(), -1)
     K = cfg.stoch_size
-    expected = torch.tensor([1 - u + u / K] + [u / K] * (K - 1)).expand_as(probs)
-    torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
-    assert (probs >= u / K - 1e-6).all()
-    plain = v2.RSSM(action_size=2, embed_size=6, cfg=small_config())   # without: no floor
-    plain.load_state_dict(rssm.state_dict())
-    post, _ = plain.obs_step(plain.initial(2, "cpu"), torch.zeros(2, 2), torch.randn(2, 6))
-    assert torch.softmax(post["logits"], -1).min() < 1e-10
+    raw = torch.softmax(torch.tensor([50.0] + [0.0] * (K - 1)), -1)     # no mixture: the softmax
+    torch.testing.assert_close(probs, raw.expand_as(probs), atol=0, rtol=1e-6)
+    assert probs.min() < 1e-10
 
 
 # =================================================================================================
@@ -425,7 +438,7 @@ def test_trunc_normal_rsample_is_reparameterised():
 
 def test_actor_for_continuous_actions_is_a_trunc_normal_with_the_paper_parameters():
     """SPEC: mean tanh(out), std 2 * sigmoid(s / 2) + 0.1 (so std in (0.1, 2.1))."""
-    cfg = small_config().resolve()
+    cfg = small_config()
     actor = v2.Actor(10, 3, discrete=False, cfg=cfg)
     feat = 3 * torch.randn(6, 10)
     dist = actor(feat)
@@ -444,7 +457,7 @@ SPEC_COMMON = dict(  # the V2 defaults that do not depend on the domain
     obs_embed_size=1536, act="elu", norm="none", batch_size=16, train_seq_len=50, imagine_horizon=15,
     td_lambda=0.95, adam_eps=1e-5, weight_decay=1e-6, grad_clip=100.0, slow_target_update=100,
     replay_capacity=2_000_000, actor_grad_mix=0.1, reward_head="mse", twohot_bins=255, precision=16,
-    actor_dist="trunc_normal", actor_min_std=0.1, unimix=0.0, train_steps=1, discount_scale=5.0,
+    actor_dist="trunc_normal", actor_min_std=0.1, train_steps=1, discount_scale=5.0,
     actor_grad="auto")
 SPEC_ATARI = dict(
     deter_size=600, hidden_size=600, discount=0.999, kl_loss_coeff=0.1, free_nats=0.0,
@@ -462,9 +475,23 @@ SPEC_DMC = dict(
 @pytest.mark.parametrize("env,spec", [("atari/Pong", SPEC_ATARI), ("dmc/walker-walk", SPEC_DMC),
                                       ("dmc/cartpole-balance", SPEC_DMC)])
 def test_presets_give_the_spec_numbers(env, spec):
-    cfg = v2.DreamerConfig(env=env).resolve()
+    """The preset is applied when the config is constructed: the fields read are the fields that run."""
+    cfg = v2.DreamerConfig(env=env)
     got = {k: getattr(cfg, k) for k in {**SPEC_COMMON, **spec}}
     assert got == {**SPEC_COMMON, **spec}
+
+
+def test_presets_apply_at_construction_and_a_later_assignment_does_not_reapply_them():
+    assert v2.DreamerConfig(env="atari/Pong").action_repeat == 4
+    assert not hasattr(v2.DreamerConfig, "resolve")
+    cfg = v2.DreamerConfig(env="dmc/walker-walk")
+    cfg.env = "atari/Pong"                          # the dmc preset's fields stay as constructed
+    assert {k: getattr(cfg, k) for k in SPEC_DMC} == SPEC_DMC
+    cfg = v2.DreamerConfig(env="atari/Pong")
+    cfg.deter_size = 64                             # one field changes, the rest of the preset stays
+    assert cfg.deter_size == 64
+    assert {k: getattr(cfg, k) for k in SPEC_ATARI if k != "deter_size"} == \
+        {k: v for k, v in SPEC_ATARI.items() if k != "deter_size"}
 
 
 def pong_via_yaml_with_free_nats_1(tmp_path):
@@ -488,22 +515,22 @@ def pong_with_free_nats_1_assigned():
 ], ids=["constructor", "assignment", "cli", "yaml"])
 def test_a_field_the_user_set_to_the_default_value_is_never_overridden_by_the_preset(make, tmp_path):
     """free_nats 1.0 is the dataclass default and atari's preset says 0.0: the user's 1.0 wins."""
-    cfg = make(tmp_path).resolve()
+    cfg = make(tmp_path)
     assert cfg.free_nats == 1.0
     assert cfg.deter_size == 600 and cfg.kl_loss_coeff == 0.1     # the rest of the preset applies
 
 
 def test_user_fields_win_over_the_preset_in_both_directions():
-    cfg = v2.DreamerConfig(env="atari/Pong", deter_size=200, pcont=False, train_every=10).resolve()
+    cfg = v2.DreamerConfig(env="atari/Pong", deter_size=200, pcont=False, train_every=10)
     assert (cfg.deter_size, cfg.pred_discount, cfg.train_every) == (200, False, 10)
-    cfg = v2.DreamerConfig(env="dmc/walker-walk", deter_size=600, prioritize_ends=True).resolve()
+    cfg = v2.DreamerConfig(env="dmc/walker-walk", deter_size=600, prioritize_ends=True)
     assert (cfg.deter_size, cfg.prioritize_ends) == (600, True)
 
 
 def test_yaml_round_trip_keeps_the_domain_preset(tmp_path):
     """SPEC's public API: cfg = DreamerConfig(env="atari/Pong"); cfg.to_yaml(f); from_yaml(f)."""
     v2.DreamerConfig(env="atari/Pong").to_yaml(tmp_path / "cfg.yaml")
-    cfg = v2.DreamerConfig.from_yaml(tmp_path / "cfg.yaml").resolve()
+    cfg = v2.DreamerConfig.from_yaml(tmp_path / "cfg.yaml")
     assert {k: getattr(cfg, k) for k in SPEC_ATARI} == SPEC_ATARI
 
 
@@ -512,10 +539,11 @@ def test_yaml_round_trip_keeps_the_domain_preset(tmp_path):
 def test_actor_grad_auto_is_reinforce_on_atari_and_dynamics_on_dmc(env, discrete, expected, tiny_fields):
     cfg = v2.DreamerConfig(**tiny_fields(env=env, stoch_size=4, num_categories=4))
     model = v2.Dreamer.from_config(cfg)                # action space read from the real env
-    assert model.discrete is discrete and model.actor_grad == expected
+    assert model.discrete is discrete and model.actor_critic.actor_grad == expected
+    assert model.cfg.actor_grad == "auto"                                       # resolved, not rewritten
     model = v2.Dreamer.from_config(v2.DreamerConfig(**tiny_fields(                # a user's choice
         env=env, stoch_size=4, num_categories=4, actor_grad="both")), (64, 64, 1), 2, discrete)
-    assert model.actor_grad == "both"
+    assert model.actor_critic.actor_grad == "both"
 
 
 # =================================================================================================
@@ -523,18 +551,19 @@ def test_actor_grad_auto_is_reinforce_on_atari_and_dynamics_on_dmc(env, discrete
 # =================================================================================================
 
 def test_grayscale_atari_frame_gives_a_1536_embedding_and_decodes_to_64x64x1():
-    cfg = v2.DreamerConfig(env="atari/Pong").resolve()
+    cfg = v2.DreamerConfig(env="atari/Pong")
     with v2.make_env(cfg, seed=0) as env:
         obs, _ = env.reset(seed=0)
     assert obs["image"].shape == (64, 64, 1) and obs["image"].dtype == np.uint8
-    model = v2.Dreamer(cfg, obs["image"].shape, 6, True)
-    assert isinstance(model.encoder.proj, nn.Identity)  # 384 channels x 2 x 2 = 1536, no projection
+    wm = v2.Dreamer(cfg, obs["image"].shape, 6, True).world_model
+    assert isinstance(wm.encoder.proj, nn.Identity)     # 384 channels x 2 x 2 = 1536, no projection
     images = torch.as_tensor(np.stack([obs["image"]] * 6)).reshape(2, 3, 64, 64, 1)
     with torch.no_grad():
-        embed = model.encoder(model.preprocess(images))
+        embed = wm.encoder(wm.preprocess(images))
         assert embed.shape == (2, 3, 1536)
+        assert wm.feat_size == 32 * 32 + 600
         feat = torch.randn(2, 3, 32 * 32 + 600)            # 32 x 32 one-hots + deter 600
-        assert model.decoder(feat).shape == (2, 3, 64, 64, 1)
+        assert wm.decoder(feat).shape == (2, 3, 64, 64, 1)
 
 
 # =================================================================================================
@@ -568,24 +597,30 @@ def test_replay_start_distribution_with_and_without_prioritize_ends(prioritize_e
 # =================================================================================================
 
 def test_discount_head_loss_and_true_first_discount_in_imagination():
-    cfg = small_config(env="atari/Pong", obs="state", obs_embed_size=16).resolve()
+    cfg = small_config(env="atari/Pong", obs="state", obs_embed_size=16)
     model = v2.Dreamer(cfg, (5,), 3, True)
     T, B = 4, 2
     discount = torch.ones(T, B)
     discount[2, 1] = 0.0                                              # a true terminal
     batch = dict(state=torch.randn(T, B, 5), action=torch.eye(3)[torch.randint(0, 3, (T, B))],
                  reward=torch.randn(T, B), discount=discount)
+    wm = model.world_model
     torch.manual_seed(0)
-    _, post, metrics = model.world_model_loss(batch)
+    _, post, metrics = wm.loss(batch)
     with torch.no_grad():
-        prob = torch.sigmoid(model.discount_head(model.rssm.feat(post)).squeeze(-1)).double()
+        prob = torch.sigmoid(wm.discount_head(wm.rssm.feat(post)).squeeze(-1)).double()
         target = 0.999 * discount.double()                           # gamma * (1 - terminal)
         bce = -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()
     assert metrics["discount_loss"].item() == pytest.approx(bce.item(), rel=1e-5)
     with torch.no_grad():
-        _, _, _, imagined = model.imagine(post, discount)
-    assert imagined.shape == (cfg.imagine_horizon + 1, T * B)
-    torch.testing.assert_close(imagined[0], 0.999 * discount.flatten())   # the first is the true one
+        traj = wm.imagine(post, model.actor_critic.actor, discount)
+        imagined = traj.discount
+        assert isinstance(traj, v2.Imagined)
+        assert imagined.shape == (cfg.imagine_horizon + 1, T * B)
+        torch.testing.assert_close(imagined[0], 0.999 * discount.flatten())   # the first is the true one
+        # the later ones are the head's Bernoulli mean at the imagined states
+        torch.testing.assert_close(imagined[1:],
+                                   torch.sigmoid(wm.discount_head(traj.feat[1:]).squeeze(-1)))
 
 
 # =================================================================================================
@@ -599,6 +634,7 @@ def test_slow_critic_is_copied_every_slow_target_update_and_frozen_in_between(tm
                                          logdir=str(tmp_path / "run")))
     agent = v2.DreamerAgent(cfg)
     try:
+        assert not (tmp_path / "run").exists()            # nothing is written before train()
         rng = np.random.default_rng(0)
         L, D, A = 30, agent.dreamer.obs_shape[0], agent.dreamer.action_size
         agent.replay.add(dict(state=rng.normal(size=(L, D)).astype(np.float32),
@@ -611,14 +647,14 @@ def test_slow_critic_is_copied_every_slow_target_update_and_frozen_in_between(tm
 
         critic_at = {}                                    # critic weights before update j
         for j in range(3 * N + 1):
-            assert agent.counters["updates"] == j
-            critic_at[j] = params(agent.dreamer.value)
+            assert agent.updates == j
+            critic_at[j] = params(agent.dreamer.actor_critic.value)
             agent.train_batch()
             last_copy = N * (j // N)
-            assert torch.equal(params(agent.dreamer.slow_value), critic_at[last_copy]), j
+            assert torch.equal(params(agent.dreamer.actor_critic.slow_value), critic_at[last_copy]), j
         for j in range(3 * N):                            # the critic itself moved every update
             assert not torch.equal(critic_at[j], critic_at[j + 1])
-        assert all(not p.requires_grad for p in agent.dreamer.slow_value.parameters())
+        assert all(not p.requires_grad for p in agent.dreamer.actor_critic.slow_value.parameters())
     finally:
         agent.close()
 
@@ -683,6 +719,7 @@ def test_from_pretrained_reproduces_the_actions_under_the_same_torch_seed(traine
     agent = trained["agent"]
     loaded = v2.DreamerAgent.from_pretrained(trained["run"] / "ckpts", logdir=str(tmp_path / "eval"))
     try:
+        assert loaded.logdir == tmp_path / "eval" and not loaded.logdir.exists()
         for name, tensor in agent.dreamer.state_dict().items():
             assert torch.equal(tensor, loaded.dreamer.state_dict()[name]), name
         obs, _ = loaded.env.reset(seed=3)
@@ -703,14 +740,34 @@ def test_from_pretrained_reproduces_the_actions_under_the_same_torch_seed(traine
         loaded.close()
 
 
-def test_from_pretrained_of_a_run_with_a_logdir_opens_a_new_run_directory(trained, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)                   # a default run directory goes under tmp_path/runs
+def test_from_pretrained_and_eval_only_write_nothing_unless_given_a_logdir(trained, tmp_path, monkeypatch,
+                                                                          capsys):
+    """from_pretrained picks a new run directory (never the trained run's) but creates it only
+    when the agent trains; --eval_only evaluates the newest checkpoint of ckpts/, prints one line
+    naming it, and writes only D/eval.json when given --logdir D."""
+    monkeypatch.chdir(tmp_path)                   # a default run directory would go under tmp_path/runs
+    run_files = sorted(p.relative_to(trained["run"]) for p in trained["run"].rglob("*"))
     loaded = v2.DreamerAgent.from_pretrained(trained["run"] / "ckpts")
     try:
         assert loaded.logdir.resolve() != trained["run"].resolve()
+        assert loaded.step == loaded.updates == 0                       # a new run, not a resumed one
+        assert not loaded.logdir.exists()
     finally:
         loaded.close()
+    assert list(tmp_path.iterdir()) == []
+    capsys.readouterr()
     assert v2.main(["--eval_only", str(trained["run"] / "ckpts")]) == 0
+    newest = trained["run"] / "ckpts" / "ckpt-0000000300.pt"
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    expected = rf"eval_return -?\d+\.\d\d over 1 episode\(s\) of {re.escape(str(newest))}"
+    assert re.fullmatch(expected, line), line
+    assert list(tmp_path.iterdir()) == []
+    assert v2.main(["--eval_only", str(newest), "--logdir", str(tmp_path / "eval")]) == 0
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["eval.json"]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["checkpoint"] == str(newest) and report["episodes"] == 1
+    assert f"eval_return {report['eval_return']:.2f} over 1 episode(s)" in capsys.readouterr().out
+    assert sorted(p.relative_to(trained["run"]) for p in trained["run"].rglob("*")) == run_files
 
 
 # =================================================================================================

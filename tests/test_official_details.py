@@ -20,7 +20,7 @@ def small_model(variant, obs="state", obs_shape=(5,), action_size=2, discrete=Fa
                   num_units=24, cnn_depth=8, obs_embed_size=256, imagine_horizon=3)
     if variant == "dreamer_v2":
         fields["num_categories"] = 3
-    cfg = mod.DreamerConfig(**{**fields, **overrides}).resolve()
+    cfg = mod.DreamerConfig(**{**fields, **overrides})
     return mod.Dreamer(cfg, obs_shape, action_size, discrete)
 
 
@@ -67,7 +67,7 @@ def test_weights_are_glorot_uniform_and_biases_zero(variant):
 def test_v1_gru_recurrent_kernel_is_orthogonal():
     """Keras' GRU: glorot input kernel, orthogonal recurrent kernel, zero biases."""
     torch.manual_seed(0)
-    cell = small_model("dreamer_v1").rssm.cell
+    cell = small_model("dreamer_v1").world_model.rssm.cell
     W = cell.weight_hh.detach().double()                     # (3 * deter, deter)
     torch.testing.assert_close(W.T @ W, torch.eye(W.shape[1], dtype=torch.float64),
                                atol=1e-5, rtol=0)
@@ -86,14 +86,14 @@ def test_weight_decay_shrinks_kernels_by_one_minus_wd_per_step(variant, tmp_path
                                           value_learning_rate=3e-4, logdir=str(tmp_path / "run")))
     agent = mod.DreamerAgent(cfg)
     try:
-        value, opt = agent.dreamer.value, agent.optimizers["value"]
+        value, opt = agent.dreamer.actor_critic.value, agent.dreamer.optimizers["value"]
         with torch.no_grad():
             for p in value.parameters():
                 p.uniform_(-1, 1)
         before = {name: p.detach().clone() for name, p in value.named_parameters()}
-        for p in value.parameters():                 # zero gradient: Adam's own step is zero
-            p.grad = torch.zeros_like(p)
-        opt.step()
+        # A loss whose gradient is exactly zero: Adam's own step is zero, only the decay acts.
+        zero_loss = 0.0 * sum(p.sum() for p in value.parameters())
+        assert opt.step(zero_loss) is True
         for name, p in value.named_parameters():
             expected = before[name] * (1 - 0.01) if p.ndim >= 2 else before[name]
             torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
@@ -112,16 +112,17 @@ def test_state_encoder_is_four_dense_layers_each_with_its_activation(variant):
     model = small_model(variant)
     x = torch.randn(7, 5)
     h = x.double().numpy()
-    dense = [m for m in model.encoder.modules() if isinstance(m, nn.Linear)]
+    wm = model.world_model
+    dense = [m for m in wm.encoder.modules() if isinstance(m, nn.Linear)]
     assert len(dense) == 4
     for layer in dense:                                  # ELU after each, the last one included
         z = h @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
         h = np.where(z > 0, z, np.expm1(np.minimum(z, 0)))
-    out = model.encoder(x)
+    out = wm.encoder(x)
     assert out.shape == (7, model.cfg.num_units)
     np.testing.assert_allclose(out.detach().double().numpy(), h, rtol=1e-5, atol=1e-6)
     # The RSSM reads that embedding.
-    post, _ = model.rssm.observe(model.encoder(torch.randn(4, 2, 5)), torch.zeros(4, 2, 2))
+    post, _ = wm.rssm.observe(wm.encoder(torch.randn(4, 2, 5)), torch.zeros(4, 2, 2))
     assert post["deter"].shape == (4, 2, model.cfg.deter_size)
 
 
@@ -130,21 +131,49 @@ def test_state_encoder_is_four_dense_layers_each_with_its_activation(variant):
 # only, so nothing flows back through the imagined dynamics; dynamics backprop does flow back
 # =================================================================================================
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("actor_grad,reaches_dynamics", [("reinforce", False), ("dynamics", True),
-                                                         ("both", True)])
+def behaviour_losses(model, batch):
+    """One update's forward pass, as Dreamer.update runs it: the world-model loss gives the
+    posterior states, imagination starts from them, the actor-critic scores the trajectories.
+    Returns (actor loss, value loss)."""
+    wm, ac = model.world_model, model.actor_critic
+    _, post, _ = wm.loss(batch)
+    start_discount = (batch["discount"],) if type(model).__module__ == "dreamer_v2" else ()
+    traj = wm.imagine(post, ac.actor, *start_discount)
+    actor_loss, value_loss, _ = ac.loss(traj)
+    return actor_loss, value_loss
+
+
+@pytest.mark.parametrize("variant,actor_grad,reaches_dynamics", [
+    ("dreamer_v1", "reinforce", False), ("dreamer_v1", "dynamics", True),
+    ("dreamer_v2", "reinforce", False), ("dreamer_v2", "dynamics", True), ("dreamer_v2", "both", True)])
 def test_which_actor_gradients_reach_the_dynamics(variant, actor_grad, reaches_dynamics):
     torch.manual_seed(0)
     model = small_model(variant, actor_grad=actor_grad, actor_entropy=1e-3)
-    losses, _ = model.losses(time_major_batch(model))
-    dynamics = list(model.rssm.parameters()) + list(model.reward.parameters())
-    grads = torch.autograd.grad(losses["actor"], dynamics + list(model.actor.parameters()),
-                                allow_unused=True)
+    actor_loss, _ = behaviour_losses(model, time_major_batch(model))
+    wm, actor = model.world_model, model.actor_critic.actor
+    dynamics = list(wm.rssm.parameters()) + list(wm.reward.parameters())
+    grads = torch.autograd.grad(actor_loss, dynamics + list(actor.parameters()), allow_unused=True)
     if reaches_dynamics:
         assert any(g is not None and g.any() for g in grads[:len(dynamics)])
     else:       # no path at all (not merely zeros): backward never walks the imagined rollout
         assert all(g is None for g in grads[:len(dynamics)])
     assert all(g is not None for g in grads[len(dynamics):])    # the actor always learns
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("actor_grad", "both", ["actor_grad", "both", "'dynamics' or 'reinforce'"]),
+    ("actor_grad_mix", 0.3, ["unknown config field 'actor_grad_mix'"]),
+    ("actor_dist", "trunc_normal", ["unknown config field 'actor_dist'"]),
+])
+def test_v1_refuses_the_v2_actor_options(field, value, words):
+    """V1's actor is the paper's tanh-normal, trained by dynamics backprop or the doc page's
+    REINFORCE variant; V2's mixed gradient and truncated normal are refused by name, not ignored."""
+    mod = module("dreamer_v1")
+    with pytest.raises(mod.ConfigError) as error:
+        small_model("dreamer_v1", **{field: value})
+    for word in words:
+        assert word in str(error.value), (word, str(error.value))
+    assert "\n" not in str(error.value)
 
 
 # =================================================================================================
@@ -154,12 +183,13 @@ def test_which_actor_gradients_reach_the_dynamics(variant, actor_grad, reaches_d
 def test_v2_sequence_start_ignores_the_stored_first_action():
     torch.manual_seed(0)
     model = small_model("dreamer_v2")
-    embed = model.encoder(torch.randn(5, 3, 5)).detach()
+    wm = model.world_model
+    embed = wm.encoder(torch.randn(5, 3, 5)).detach()
     action = torch.rand(5, 3, 2) * 2 - 1
 
     def observe(actions):
         torch.manual_seed(1)                              # the same latent samples each call
-        return model.rssm.observe(embed, actions)[0]
+        return wm.rssm.observe(embed, actions)[0]
 
     other_first, other_second = action.clone(), action.clone()
     other_first[0] = torch.rand(3, 2) * 2 - 1
@@ -177,37 +207,57 @@ def test_v2_sequence_start_ignores_the_stored_first_action():
 # =================================================================================================
 
 def imagined_rollout(model, H=4, N=6, zero_at=None):
+    """An imagined trajectory (the module's Imagined) of random features, actions, rewards and
+    discounts: H imagined steps after the start state, N trajectories."""
     gen = torch.Generator().manual_seed(3)
-    feat_size = model.value.net[0].in_features
+    feat_size = model.actor_critic.value.net[0].in_features
     feat = torch.randn(H + 1, N, feat_size, generator=gen)
     action = torch.rand(H + 1, N, model.action_size, generator=gen) * 1.8 - 0.9
     reward = torch.randn(H + 1, N, generator=gen)
     discount = 0.5 + 0.5 * torch.rand(H + 1, N, generator=gen)
     if zero_at is not None:
         discount[zero_at, 0] = 0.0                    # a terminal inside one trajectory
-    return feat, action, reward, discount
+    return module(type(model).__module__).Imagined(feat, action, reward, discount)
+
+
+def losses_and_returns(model, traj, monkeypatch):
+    """ActorCritic.loss(traj) -> (actor loss, value loss), and the lambda-returns it computed
+    on the way (read off the module's lambda_return, which the loss calls once)."""
+    mod = module(type(model).__module__)
+    original, seen = mod.lambda_return, []
+
+    def spy(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(mod, "lambda_return", spy)
+    actor_loss, value_loss, _ = model.actor_critic.loss(traj)
+    monkeypatch.setattr(mod, "lambda_return", original)
+    assert len(seen) == 1
+    return actor_loss, value_loss, seen[0]
 
 
 @pytest.mark.parametrize("actor_grad", ["dynamics", "reinforce", "both"])
-def test_v2_actor_and_critic_losses_match_a_hand_written_reference(actor_grad):
+def test_v2_actor_and_critic_losses_match_a_hand_written_reference(actor_grad, monkeypatch):
     torch.manual_seed(0)
     model = small_model("dreamer_v2", actor_grad=actor_grad, actor_entropy=3e-3, actor_grad_mix=0.3)
+    ac = model.actor_critic
     with torch.no_grad():                             # a slow critic that differs from the critic
-        for p in model.slow_value.parameters():
+        for p in ac.slow_value.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    feat, action, reward, discount = imagined_rollout(model, zero_at=2)
+    traj = imagined_rollout(model, zero_at=2)
+    feat, action, reward, discount = traj.feat, traj.action, traj.reward, traj.discount
     cfg, H = model.cfg, feat.shape[0] - 1
-    actor_loss, returns, weights, _ = model.actor_loss(feat, action, reward, discount)
-    value_loss = model.value_loss(feat, returns, weights)
+    actor_loss, value_loss, returns = losses_and_returns(model, traj, monkeypatch)
 
     with torch.no_grad():
-        slow = model.slow_value(feat).squeeze(-1)                 # targets from the slow critic
+        slow = ac.slow_value(feat).squeeze(-1)                    # targets from the slow critic
         R = lambda_return_by_definition(reward[:-1], slow[:-1], discount[:-1], slow[-1],
                                         cfg.td_lambda).float()
         w = torch.ones_like(discount)                             # w_t = d_0 * ... * d_{t-1}
         for t in range(1, H + 1):
             w[t] = w[t - 1] * discount[t - 1]
-        policy = model.actor(feat[:-2])
+        policy = ac.actor(feat[:-2])
         terms = []
         for t in range(H - 1):       # pi(. | z_t) chose a_{t+1}; the return credited is R_{t+1}
             log_prob = policy.log_prob(action[t + 1])[t]
@@ -216,7 +266,7 @@ def test_v2_actor_and_critic_losses_match_a_hand_written_reference(actor_grad):
                          "both": 0.3 * R[t + 1] + 0.7 * reinforce}[actor_grad]
             terms.append(w[t] * (objective + 3e-3 * policy.entropy()[t]))
         expected_actor = -torch.stack(terms).mean()
-        critic = model.value(feat[:-1]).squeeze(-1)               # the start state z_0 included
+        critic = ac.value(feat[:-1]).squeeze(-1)                  # the start state z_0 included
         expected_value = (w[:-1] * 0.5 * (critic - R) ** 2).mean()
     torch.testing.assert_close(returns.detach(), R)
     assert w[3, 0] == 0 and w[2, 0] > 0                           # the terminal silences what follows
@@ -224,17 +274,17 @@ def test_v2_actor_and_critic_losses_match_a_hand_written_reference(actor_grad):
     torch.testing.assert_close(value_loss.detach(), expected_value, rtol=1e-5, atol=1e-6)
 
 
-def test_v1_actor_and_value_losses_match_a_hand_written_reference():
+def test_v1_actor_and_value_losses_match_a_hand_written_reference(monkeypatch):
     """V1 Eq. (7)-(8) as the official code: the imagined states s_1..s_{H-1} are weighted by the
     discounts between them (w_1 = 1), and the value regresses onto their lambda-returns."""
     torch.manual_seed(0)
     model = small_model("dreamer_v1", actor_entropy=0.0)
-    feat, action, reward, discount = imagined_rollout(model, zero_at=2)
+    traj = imagined_rollout(model, zero_at=2)
+    feat, reward, discount = traj.feat, traj.reward, traj.discount
     cfg, H = model.cfg, feat.shape[0] - 1
-    actor_loss, returns, weights, _ = model.actor_loss(feat, action, reward, discount)
-    value_loss = model.value_loss(feat, returns, weights)
+    actor_loss, value_loss, returns = losses_and_returns(model, traj, monkeypatch)
     with torch.no_grad():
-        v = model.value(feat).squeeze(-1)
+        v = model.actor_critic.value(feat).squeeze(-1)
         R = lambda_return_by_definition(reward[:-1], v[:-1], discount[:-1], v[-1], cfg.td_lambda).float()
         w = torch.ones(H - 1, feat.shape[1])                      # for s_1 .. s_{H-1}
         for k in range(1, H - 1):
@@ -254,7 +304,7 @@ def test_v1_actor_and_value_losses_match_a_hand_written_reference():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fallback_preset_learns_the_discount_and_dmc_does_not(variant):
     cfg = module(variant).DreamerConfig
-    assert cfg(env="gym/CartPole-v1").resolve().pred_discount is True
-    assert cfg(env="mujoco/Hopper-v5").resolve().pred_discount is True
-    assert cfg(env="dmc/walker-walk").resolve().pred_discount is False
-    assert cfg(env="gym/CartPole-v1", pred_discount=False).resolve().pred_discount is False
+    assert cfg(env="gym/CartPole-v1").pred_discount is True
+    assert cfg(env="mujoco/Hopper-v5").pred_discount is True
+    assert cfg(env="dmc/walker-walk").pred_discount is False
+    assert cfg(env="gym/CartPole-v1", pred_discount=False).pred_discount is False
