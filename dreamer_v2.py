@@ -1286,6 +1286,10 @@ class CheckpointError(ValueError):
     """A checkpoint or run directory that cannot be used (one line, exit code 2)."""
 
 
+class OtherAlgoError(CheckpointError):
+    """A checkpoint of the other variant: an error to report, not a damaged file to skip."""
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive updates with NaN/Inf losses or gradients."""
 
@@ -1410,7 +1414,7 @@ def load_torch(file, map_location="cpu") -> dict:
     if not isinstance(data, dict) or "model" not in data:
         raise CheckpointError(f"'{file}' is not a Dreamer checkpoint (no 'model' entry)")
     if str(data.get("algo", "")).lower() != ALGO.lower():
-        raise CheckpointError(f"checkpoint '{file}' is from algo {data.get('algo')!r}; allowed here: "
+        raise OtherAlgoError(f"checkpoint '{file}' is from algo {data.get('algo')!r}; allowed here: "
                               f"{ALGO!r} (use dreamer_{str(data.get('algo')).lower()[-2:]}.py)")
     return data
 
@@ -1421,6 +1425,8 @@ def newest_checkpoint(directory: Path):
     for path in sorted(directory.glob("ckpt-*.pt"), reverse=True):
         try:
             return path, load_torch(path)
+        except OtherAlgoError:
+            raise
         except CheckpointError as err:
             print(f"warning: skipping damaged checkpoint {path}: {err}", file=sys.stderr)
     raise CheckpointError(f"'{directory}' has no usable checkpoint (ckpt-*.pt)")
@@ -1812,6 +1818,8 @@ def build_parser() -> argparse.ArgumentParser:
     helps = dict(re.findall(r"^    (\w+): [^=]+= .*?  # (.*)$", inspect.getsource(DreamerConfig), re.M))
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Values such as -1e-4 are values, not flags (Python 3.11's argparse knows only -1 and -.5).
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     parser.add_argument("--config", help="YAML file of config fields (flags override it)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     parser.add_argument("--eval_only", metavar="CKPT", help="evaluate a checkpoint or a run directory's "
