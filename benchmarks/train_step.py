@@ -1,9 +1,10 @@
-"""Speed of one Dreamer update, of the policy step and of a short real run (issue 8).
+"""Speed of one Dreamer update, of the policy step and of a short real run.
 
     python benchmarks/train_step.py --small --device cpu          # about a minute on 2 CPU cores
     python benchmarks/train_step.py --device cuda                 # the official sizes, every mode
     python benchmarks/train_step.py --small --modes eager --no-e2e --no-write
     python benchmarks/train_step.py --small --profile             # + torch.profiler top ops
+    python benchmarks/train_step.py --device cuda --time-budget 200   # no new row after 200 s
 
 What is timed is the training code itself, through the real classes: for each preset a real
 `DreamerAgent` is built (env included; a stand-in env with the preset's shapes if the backend is not
@@ -24,10 +25,17 @@ precision 16 runs as fp32), compile (compile true), bf16+compile. "vs eager" is 
 time over this mode's, measured in the same run. Each time is the
 median of `--repeats` calls after `--warmup` calls (compilation happens in the warm-up and is
 reported as "first call"); on CUDA every timing is wrapped in torch.cuda.synchronize().
+The modes run one after another in the order given, by default cheapest first (each mode: every
+preset, then its end-to-end run), so that `--time-budget` or a SIGINT cuts the compile rows rather
+than whole presets: a row not begun in time is listed as skipped, the row a SIGINT lands in as
+interrupted, and the table is written all the same. The table lists the rows by preset.
 
 The table is printed and appended under "## Train step" in benchmarks/RESULTS.md (or `--results`),
-with the device, torch version, commit, date, load average and the exact command. The "Environment
-speed" block written by benchmarks/env_speed.py (between its markers) is left as it is.
+with the device, torch version, commit, date, load average and the exact command. The commit is
+git's; where the tree is not a git checkout (a copy on a GPU machine) it is $BENCH_COMMIT, which
+benchmarks/gpu_check.sh sets from the COMMIT file written before the call ($BENCH_COMMIT, when set,
+always wins). The "Environment speed" block written by benchmarks/env_speed.py (between its
+markers) is left as it is.
 """
 
 from __future__ import annotations
@@ -340,8 +348,13 @@ def device_name(device) -> str:
 
 
 def commit() -> str:
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    """git's short commit, with the benchmarked files that have uncommitted changes; $BENCH_COMMIT
+    instead when it is set (a tree copied without its .git); "unknown" when neither is there."""
+    if os.environ.get("BENCH_COMMIT", "").strip():
+        return os.environ["BENCH_COMMIT"].strip()
+
+    def git(*cmd):  # rstrip only: a porcelain line starts with its status, " M" included
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.rstrip()
     try:
         head = git("rev-parse", "--short", "HEAD") or "unknown"
         dirty = git("status", "--porcelain", "--", "dreamer_v1.py", "dreamer_v2.py", "common.py",
@@ -453,6 +466,8 @@ def parse_args(argv=None):
     parser.add_argument("--e2e-prefill", type=int, default=5000, help="prefill frames of the real run")
     parser.add_argument("--e2e-updates", type=int, default=10, help="timed updates of the real run")
     parser.add_argument("--e2e-warmup", type=int, default=2, help="untimed updates after the first")
+    parser.add_argument("--time-budget", type=float, default=math.inf, metavar="SECONDS",
+                        help="start no row after this many seconds; the rows left are listed as skipped")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler top ops of one update")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
@@ -466,18 +481,36 @@ def parse_args(argv=None):
     return args
 
 
+class Budget:
+    """--time-budget and SIGINT: a row not begun within the budget, or after an interrupt, is
+    listed as skipped, the row a SIGINT lands in as interrupted; a failing row is a result too."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.end, self.reason = seconds, time.monotonic() + seconds, ""
+
+    def run(self, fn, row: dict) -> dict:
+        if not self.reason and time.monotonic() > self.end:
+            self.reason = f"skipped: --time-budget {self.seconds:g} s spent"
+        if self.reason:
+            return dict(row, note=self.reason)
+        try:
+            return fn()
+        except KeyboardInterrupt:
+            self.reason = "skipped: interrupted (SIGINT) before this row"
+            return dict(row, note="interrupted (SIGINT)")
+        except Exception as err:  # noqa: BLE001 - a failing mode is a result, not a crash
+            first = str(err).splitlines()[0][:200] if str(err).strip() else ""
+            return dict(row, note=f"failed: {type(err).__name__}: {first}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python " + shlex.join(["benchmarks/train_step.py", *(sys.argv[1:] if argv is None else argv)])
     load_before, revision = os.getloadavg(), commit()
-    rows, e2e_rows = [], []
-    for preset in args.presets:
-        for mode in args.modes:
-            try:
-                row = bench_preset(preset, mode, args)
-            except Exception as err:  # noqa: BLE001 - a failing mode is a result, not a crash
-                row = dict(preset=preset, mode=mode,
-                           note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+    budget, rows, e2e_rows = Budget(args.time_budget), [], []
+    for mode in args.modes:                       # mode by mode: a budget cuts the last modes
+        for preset in args.presets:
+            row = budget.run(lambda: bench_preset(preset, mode, args), dict(preset=preset, mode=mode))
             rows.append(row)
             print(f"{preset:9s} {mode:13s} update {ms(row.get('update')):>10s} ms  first "
                   f"{sec(row.get('first')):>6s} s  policy "
@@ -485,15 +518,12 @@ def main(argv=None) -> int:
                   f"{ms(row.get('sample')):>7s} ms  {row.get('note', '')}", flush=True)
             if row.get("profile"):
                 print(row["profile"], flush=True)
-    if not args.no_e2e:
-        for mode in args.modes:
-            try:
-                row = run_e2e(mode, args)
-            except Exception as err:  # noqa: BLE001
-                row = dict(mode=mode, note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        if not args.no_e2e:
+            row = budget.run(lambda: run_e2e(mode, args), dict(mode=mode))
             e2e_rows.append(row)
             print(f"end to end {mode:13s} {row.get('fps', float('nan')):9.1f} env frames/s  {row.get('note', '')}",
                   flush=True)
+    rows.sort(key=lambda r: (args.presets.index(r["preset"]), args.modes.index(r["mode"])))
     text = report(rows, e2e_rows, args, command, load_before, revision)
     print()
     print(text)
