@@ -886,23 +886,29 @@ def load_episode(path) -> dict | None:
 
 class Optimizer:
     """Adam with global-norm gradient clipping for `modules`. A NaN/Inf loss or gradient never
-    reaches the weights: that step is skipped, and `step` returns False."""
+    reaches the weights: that step is skipped. `fused` (on CUDA) is the one-kernel Adam, which
+    skips the step on the device itself, so no update waits for the GPU."""
 
-    def __init__(self, modules: list[nn.Module], lr: float, cfg: DreamerConfig, device):
+    def __init__(self, modules: list[nn.Module], lr: float, cfg: DreamerConfig, device, fused=None):
         self.params, self.clip = [p for m in modules for p in m.parameters()], cfg.grad_clip
+        self.fused = device.type == "cuda" if fused is None else fused
         # V2: decoupled weight decay shrinks each kernel (not biases or norms) by (1 - wd) per
         # step, as the official optimiser does; AdamW multiplies it by lr, hence the division.
         groups = [dict(params=[p for p in self.params if p.ndim >= 2], weight_decay=cfg.weight_decay / lr),
                   dict(params=[p for p in self.params if p.ndim < 2], weight_decay=0.0)]
         self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=cfg.adam_eps,
-                                     **(dict(fused=True) if device.type == "cuda" else {}))
+                                     **(dict(fused=True) if self.fused else {}))
 
-    def step(self, loss: torch.Tensor) -> bool:
+    def step(self, loss: torch.Tensor) -> torch.Tensor:
+        """One step on `loss`; returns whether it was taken, as a bool tensor on the device."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward(inputs=self.params)                       # gradients for these parameters only
         norm = nn.utils.clip_grad_norm_(self.params, self.clip)
-        finite = bool(torch.isfinite(loss) & torch.isfinite(norm))
-        if finite:
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        if self.fused:        # the fused kernel skips the step where found_inf is set (as AMP does)
+            self.opt.found_inf = (~finite).float()
+            self.opt.step()
+        elif finite:          # reading `finite` waits for the device: free on a CPU
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return finite
@@ -949,8 +955,8 @@ class Dreamer(nn.Module):
             actor_loss, value_loss, behaviour = ac.loss(traj)
         finite = [self.optimizers["actor"].step(actor_loss), self.optimizers["value"].step(value_loss),
                   self.optimizers["model"].step(model_loss)]
-        metrics = {k: float(v.detach()) for k, v in {**metrics, **behaviour}.items()}
-        return dict(metrics, finite=float(all(finite)))
+        metrics = {k: v.detach() for k, v in {**metrics, **behaviour}.items()}   # read when logged
+        return dict(metrics, finite=finite[0] & finite[1] & finite[2])
 
     @torch.no_grad()
     def policy_step(self, obs: torch.Tensor, state, explore: bool):
@@ -1050,6 +1056,7 @@ class DreamerAgent:
                                    cfg.train_seq_len, self.rng, cfg.prioritize_ends)  # V2
         self.step = self.episodes = self.updates = self.evals = 0   # env steps, episodes, ...
         self.pending_updates = self.last_train = self.nonfinite = self.nonfinite_in_row = 0
+        self.finite_flags = []                                   # of updates not yet counted
         self.pretrained, self.best_eval, self.stop = False, -math.inf, None
         self.should = dict(eval=Every(cfg.eval_every), log=Every(cfg.scalar_freq),
                            save=Every(cfg.checkpoint_interval))
@@ -1101,6 +1108,7 @@ class DreamerAgent:
             if self.step >= cfg.seed_steps and self.should["eval"](self.step):
                 self.evaluate_and_log()
             if self.should["log"](self.step):
+                self.count_nonfinite()
                 self.logger.write(self.step, self.console, self)
             if self.should["save"](self.step):
                 save_checkpoint(self)
@@ -1129,7 +1137,9 @@ class DreamerAgent:
 
     def train_batch(self) -> dict:
         batch = self.replay.sample(self.cfg.batch_size)
-        batch = {k: torch.as_tensor(v, device=self.device).transpose(0, 1)
+        cuda = self.device.type == "cuda"      # pinned memory: the copy overlaps the GPU's work
+        batch = {k: (torch.as_tensor(v).pin_memory() if cuda else torch.as_tensor(v))
+                 .to(self.device, non_blocking=cuda).transpose(0, 1)
                  for k, v in batch.items() if k in ("image", "state", "action", "reward", "discount")}
         if self.updates % self.cfg.slow_target_update == 0:       # V2: the slow critic (Sec. 2.2)
             self.dreamer.actor_critic.update_slow_critic()
@@ -1137,16 +1147,23 @@ class DreamerAgent:
         metrics = self.dreamer.update(batch)
         self.console.update_seconds(time.perf_counter() - started)
         self.updates += 1
-        if metrics.pop("finite"):
-            self.nonfinite_in_row = 0
-        else:
-            self.nonfinite, self.nonfinite_in_row = self.nonfinite + 1, self.nonfinite_in_row + 1
+        self.finite_flags.append(metrics.pop("finite"))
+        if self.device.type != "cuda":        # on a GPU, read at the next metrics line instead
+            self.count_nonfinite()
+        return dict(metrics, nonfinite_updates=self.nonfinite)
+
+    def count_nonfinite(self) -> None:
+        """Count the skipped updates among those since the last call (one read of the device);
+        `max_nonfinite_updates` in a row stop training."""
+        flags, self.finite_flags = self.finite_flags, []
+        for finite in (torch.stack(flags).tolist() if flags else []):
+            self.nonfinite_in_row = 0 if finite else self.nonfinite_in_row + 1
+            self.nonfinite += not finite
             if self.nonfinite_in_row >= self.cfg.max_nonfinite_updates:
                 raise NonFiniteError(
                     f"training stopped: {self.nonfinite_in_row} consecutive updates had NaN/Inf "
                     f"losses or gradients (skipped, weights untouched). Try a lower learning rate "
                     f"(--model_learning_rate 1e-4) or tighter clipping (--grad_clip 10).")
-        return dict(metrics, nonfinite_updates=self.nonfinite)
 
     def act(self, obs: dict, state, explore: bool):
         x = torch.as_tensor(np.ascontiguousarray(obs[self.dreamer.world_model.obs_key][None]),
@@ -1483,6 +1500,7 @@ def open_run(agent: DreamerAgent) -> None:
 
 
 def counters(agent: DreamerAgent) -> dict:
+    agent.count_nonfinite()
     return dict(env_steps=agent.step, agent_steps=agent.step // agent.cfg.action_repeat,
                 episodes=agent.episodes, updates=agent.updates, evals=agent.evals,
                 pretrained=agent.pretrained, last_train=agent.last_train,
@@ -1634,6 +1652,7 @@ class Logger:
     def __init__(self, logdir: Path, cfg: DreamerConfig):
         self.logdir, self.cfg, self.values, self.tb, self.wandb = logdir, cfg, {}, None, None
         self.start = self.start_step = None
+        self.history, self.warned = [], set()
 
     def open(self) -> None:
         path = self.logdir / "metrics.jsonl"
@@ -1656,7 +1675,7 @@ class Logger:
             self.wandb = wandb.init(project="dreamer", config=self.cfg.to_dict(), dir=str(self.logdir))
 
     def scalar(self, name: str, value) -> None:
-        self.values.setdefault(name, []).append(float(value))
+        self.values.setdefault(name, []).append(value)           # a tensor is read when written
 
     def write(self, step: int, console: Console | None = None, agent=None) -> dict | None:
         if not self.values:
@@ -1664,8 +1683,10 @@ class Logger:
         now = time.time()
         if self.start is None:
             self.start, self.start_step = now, step
-        record = {"step": step, **{k: float(np.mean(v)) for k, v in self.values.items()}}
+        record = {"step": step, **{k: float(np.mean([float(x) for x in v])) for k, v in self.values.items()}}
         record.update(fps=(step - self.start_step) / max(now - self.start, 1e-9), time=now)
+        if agent is not None:
+            record["updates"] = agent.updates
         self.values = {}
         path = self.logdir / "metrics.jsonl"
         try:
@@ -1683,6 +1704,11 @@ class Logger:
                 self.tb.add_scalar(k, v, step)
         if self.wandb:
             self.wandb.log(record, step=step)
+        self.history.append(record)
+        for name, advice in pitfalls(self.history, self.cfg).items():
+            if name not in self.warned:
+                print(f"warning: {advice} (README: When it does not learn)", file=sys.stderr, flush=True)
+                self.warned.add(name)
         return record
 
     def close(self) -> None:
@@ -1690,6 +1716,32 @@ class Logger:
             self.tb.close()
         if self.wandb:
             self.wandb.finish()
+
+
+PITFALL_UPDATES = 500  # updates a symptom must last before the console names it
+
+
+def pitfalls(records: list[dict], cfg: DreamerConfig) -> dict[str, str]:
+    """The original documentation page's pitfalls whose symptom is unambiguous in the metrics
+    records so far: {name: what it means and the documented fix}."""
+    found = {}
+    nonfinite = max((r.get("nonfinite_updates", 0) for r in records), default=0)
+    if nonfinite:
+        found["nan"] = (f"{nonfinite:.0f} update(s) had NaN/Inf losses or gradients and were skipped; "
+                        f"if this repeats, lower --model_learning_rate (1e-4) or --grad_clip (10)")
+    trained = [r for r in records if "kl_at_floor" in r]
+    streak = next((i for i in range(len(trained), 0, -1) if trained[i - 1]["kl_at_floor"] < 1), 0)
+    if trained[streak:]:
+        since = trained[streak - 1].get("updates", 0) if streak else 0
+        updates = trained[-1].get("updates", 0) - since
+        if updates >= PITFALL_UPDATES:
+            last = trained[-1]
+            found["kl_floor"] = (
+                f"the KL has been below free_nats ({cfg.free_nats:g}) in each of the last {updates} "
+                f"updates (KL {last['kl']:.3g}; posterior entropy {last['post_entropy']:.3g}, prior "
+                f"{last['prior_entropy']:.3g} nats): the KL term sends no gradient, so the prior that "
+                f"imagination uses is not trained towards the posterior; lower --free_nats")
+    return found
 
 
 def read_metrics(logdir) -> list[dict]:

@@ -1091,3 +1091,27 @@ def test_resume_removes_temporary_files_of_a_killed_writer(variant, copied_run, 
     assert not [p for p in stale if p.exists()]
     for path in stale:                                    # each removal is said, naming the file
         assert f"warning: removing half-written file {path}" in err
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fused_optimizer_skips_a_nonfinite_step_on_the_device(variant):
+    """The fused Adam (used on CUDA, available on CPU too) skips a NaN/Inf step inside its kernel,
+    without reading the flag on the host: weights and Adam state stay exactly as they were, and the
+    next finite step is taken as usual."""
+    import copy as copy_module
+    mod = module(variant)
+    cfg = mod.DreamerConfig(env="gym/Pendulum-v1", obs="state")
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = mod.Optimizer([net], 1e-3, cfg, torch.device("cpu"), fused=True)
+    x = torch.randn(5, 4)
+    assert bool(opt.step(net(x).square().mean()))                    # a first step fills the state
+    weights, state = copy_module.deepcopy(net.state_dict()), copy_module.deepcopy(opt.opt.state_dict())
+    finite = opt.step(net(x).square().mean() * float("nan"))
+    assert finite.dtype == torch.bool and not bool(finite)
+    assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
+    after = opt.opt.state_dict()["state"]
+    for index, entry in state["state"].items():
+        assert all(torch.equal(entry[k], after[index][k]) for k in entry), index
+    assert bool(opt.step(net(x).square().mean()))
+    assert not torch.equal(weights["weight"], net.weight.detach())
