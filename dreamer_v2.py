@@ -1761,24 +1761,24 @@ PANELS = {"return": ("train_return", "eval_return"), "world model loss": ("model
           "actor entropy": ("actor_entropy",), "actor loss": ("actor_loss",), "critic loss": ("value_loss",)}
 
 
-def plot_returns(ax, records, seed_steps=0, references=None) -> None:
-    """Training and evaluation returns against env steps, the prefill shaded, `references`
-    ({label: return}) as dashed lines."""
-    plot_panel(ax, records, PANELS["return"], seed_steps)
-    for label, value in (references or {}).items():
+def plot_returns(ax, records, seed_steps=0, references=None, label="") -> None:
+    """Training and evaluation returns against env steps (`label` before their names), the
+    prefill shaded, `references` ({label: return}) as dashed lines. results/plot.py uses it too."""
+    plot_panel(ax, records, PANELS["return"], seed_steps, label)
+    for name, value in (references or {}).items():
         ax.axhline(value, color="gray", linestyle="--", linewidth=1)
-        ax.annotate(label, (0.01, value), xycoords=("axes fraction", "data"), fontsize=7,
+        ax.annotate(name, (0.01, value), xycoords=("axes fraction", "data"), fontsize=7,
                     textcoords="offset points", xytext=(0, 3))
     ax.set_ylabel("episode return")
 
 
-def plot_panel(ax, records, keys, seed_steps=0) -> None:
+def plot_panel(ax, records, keys, seed_steps=0, label="") -> None:
     import matplotlib.ticker as ticker
     for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
-            style = dict(marker="o", markersize=3) if key == "eval_return" else {}
-            ax.plot(*zip(*points), label=key.replace("_", " "), **style)
+            style = dict(marker="o", markersize=3) if key == "eval_return" else dict(alpha=0.6)
+            ax.plot(*zip(*points), label=f"{label} {key.replace('_', ' ')}".strip(), **style)
     if seed_steps:
         ax.axvspan(0, seed_steps, color="gray", alpha=0.15, label="prefill")
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(
@@ -1868,8 +1868,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """Every config field is a flag; its comment in DreamerConfig is its help."""
     helps = dict(re.findall(r"^    (\w+): [^=]+= .*?  # (.*)$", inspect.getsource(DreamerConfig), re.M))
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     # Values such as -1e-4 are values, not flags (Python 3.11's argparse knows only -1 and -.5).
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     parser.add_argument("--config", help="YAML file of config fields (flags override it)")
@@ -1878,7 +1877,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "newest checkpoint (RUN/ckpts/best: the best evaluation's) and exit")
     parser.add_argument("--algo", help=f"accepted when it names this file's variant ({ALGO})")
     for f in fields(DreamerConfig):
-        parser.add_argument(f"--{f.name}", metavar=f.type.upper(), help=helps.get(f.name, ""))
+        parser.add_argument(f"--{f.name}", metavar=f.type.upper(),
+                            help=f"{helps.get(f.name, '')} (default: {f.default!r})")
     for alias, name in ALIASES.items():
         parser.add_argument(f"--{alias}", dest=name, help=f"= --{name}")
     parser.set_defaults(**{f.name: None for f in fields(DreamerConfig)})

@@ -1,8 +1,12 @@
-"""Redraw every results figure from the recorded metrics: python results/plot.py
+"""Redraw every results figure from the recorded metrics: python results/plot.py [RUN ...]
 
-For each run directory under results/ that has a metrics.jsonl, draws curve.png: evaluation
-return (mean over evaluation episodes, no exploration noise) and training return against env
-steps, with the reference lines listed in the run's run.json ("references": {label: value}).
+For each run directory under results/ that has a run.json, draws curve.png: the evaluation return
+(mean over evaluation episodes, the actor's mode) and the training return against env steps, the
+prefill shaded, drawn by the scripts' own `plot_returns`. run.json may add
+- "references": {label: return}: dashed lines (random actions, zero actions, ...);
+- "official": a key of official/dmc-scores.json: the official code's stored evaluation returns for
+  the same task (5 seeds, from pixels), their mean as a line and their range as a band;
+- "compare": {label: subfolder}: several runs of the same recipe in one figure (e.g. fp32, bf16).
 """
 
 import json
@@ -10,42 +14,44 @@ import sys
 import textwrap
 from pathlib import Path
 
-import matplotlib
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+import matplotlib  # noqa: E402
+import yaml  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
+import dreamer_v2  # noqa: E402  (plot_returns and read_metrics are the same in both scripts)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass                                   # a torn last line after a crash
-    return records
+def official(ax, key: str, until: float) -> None:
+    """The official runs' evaluation returns up to the first point past `until` env steps."""
+    scores = json.loads((ROOT / "official" / "dmc-scores.json").read_text())[key]
+    seeds = scores["seeds"]
+    n = next((i + 1 for i, x in enumerate(seeds[0]["xs"]) if x >= until), len(seeds[0]["xs"]))
+    xs = seeds[0]["xs"][:n]
+    columns = list(zip(*(s["ys"][:n] for s in seeds)))
+    mean = [sum(c) / len(c) for c in columns]
+    ax.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], color="green", alpha=0.12)
+    ax.plot(xs, mean, color="green", linestyle=":", marker="s", markersize=3,
+            label=f"official {scores['method']} from pixels ({len(seeds)} seeds)")
 
 
 def draw(run: Path) -> Path:
-    records = read_jsonl(run / "metrics.jsonl")
-    info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for key, style in (("train_return", dict(alpha=0.5)), ("eval_return", dict(marker="o"))):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points), label=key.replace("_", " "), **style)
-    for label, value in info.get("references", {}).items():
-        ax.axhline(value, color="gray", linestyle="--", linewidth=1)
-        ax.annotate(label, (0, value), xycoords=("axes fraction", "data"), textcoords="offset points",
-                    xytext=(3, 3), fontsize=7)
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("episode return")
-    ax.set_title("\n".join(textwrap.wrap(info.get("title", run.name), 60)), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    info = json.loads((run / "run.json").read_text())
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    last = 0
+    for i, (label, sub) in enumerate((info.get("compare") or {"": "."}).items()):
+        config, records = yaml.safe_load((run / sub / "config.yaml").read_text()), dreamer_v2.read_metrics(run / sub)
+        dreamer_v2.plot_returns(ax, records, config["seed_steps"] if i == 0 else 0,
+                                info.get("references") if i == 0 else None, label)
+        last = max([last] + [r["step"] for r in records])
+    if info.get("official"):
+        official(ax, info["official"], last)
+    ax.set_title("\n".join(textwrap.wrap(info.get("title", run.name), 70)), fontsize=9)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     out = run / "curve.png"
     fig.savefig(out, dpi=90)
@@ -54,7 +60,7 @@ def draw(run: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    runs = [Path(a) for a in (argv or [])] or sorted(p.parent for p in ROOT.glob("*/metrics.jsonl"))
+    runs = [Path(a) for a in (argv or [])] or sorted(p.parent for p in ROOT.glob("*/run.json"))
     for run in runs:
         print(draw(run))
     return 0
