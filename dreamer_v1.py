@@ -143,7 +143,7 @@ class DreamerConfig:
     enable_wandb: bool = False         # also log to Weights & Biases (pip install wandb)
     max_nonfinite_updates: int = 20    # consecutive NaN/Inf updates before training stops
     # --- Speed: the same code, executed differently
-    precision: int = 32                # 16 = bf16 autocast where native (CUDA, recent CPUs), else 32
+    precision: int = 16                # 16 = bf16 autocast where native (CUDA, recent CPUs), else 32
     compile: bool = False              # torch.compile each network and the RSSM's step functions
 
     def __init__(self, **given):
@@ -781,7 +781,7 @@ class Dreamer(nn.Module):
         fast, why = bf16_is_fast(self.device)
         if cfg.precision == 16 and not fast:  # said once; config.yaml records what runs
             print(f"note: precision 16 runs as precision 32: {why}, and emulated bf16 is "
-                  f"slower than fp32", file=sys.stderr)
+                  f"slower than fp32")
             cfg.precision = 32
         wm, ac = self.world_model, self.actor_critic
         self.optimizers = dict(model=Optimizer([wm], cfg.model_learning_rate, cfg, self.device),

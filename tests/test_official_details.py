@@ -93,7 +93,7 @@ def test_weight_decay_shrinks_kernels_by_one_minus_wd_per_step(variant, tmp_path
         before = {name: p.detach().clone() for name, p in value.named_parameters()}
         # A loss whose gradient is exactly zero: Adam's own step is zero, only the decay acts.
         zero_loss = 0.0 * sum(p.sum() for p in value.parameters())
-        assert opt.step(zero_loss) is True
+        assert opt.step(zero_loss).item() is True          # the step was taken
         for name, p in value.named_parameters():
             expected = before[name] * (1 - 0.01) if p.ndim >= 2 else before[name]
             torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
