@@ -152,6 +152,7 @@ class DreamerConfig:
     checkpoint_interval: int = 10_000  # env steps between checkpoints
     keep_checkpoints: int = 3          # latest checkpoints kept, besides the best evaluation's weights
     video: bool = True                 # open-loop prediction GIF at each evaluation (pixels)
+    video_scale: int = 1               # the GIF's pixel scale (2 or 3 for slides)
     tensorboard: bool = False          # also log to TensorBoard (pip install tensorboard)
     enable_wandb: bool = False         # also log to Weights & Biases (pip install wandb)
     max_nonfinite_updates: int = 20    # consecutive NaN/Inf updates before training stops
@@ -232,7 +233,7 @@ POSITIVE = {"stoch_size", "deter_size", "hidden_size", "obs_embed_size", "cnn_de
             "model_learning_rate", "imagine_horizon", "actor_learning_rate", "value_learning_rate",
             "actor_init_std", "actor_mean_scale", "batch_size", "train_seq_len", "grad_clip", "adam_eps", "train_every", "train_steps",
             "total_steps", "replay_capacity", "eval_every", "scalar_freq", "checkpoint_interval",
-            "keep_checkpoints", "max_nonfinite_updates", "action_repeat", "discount_scale",
+            "keep_checkpoints", "max_nonfinite_updates", "action_repeat", "discount_scale", "video_scale",
             "num_categories", "twohot_bins", "slow_target_update"}                      # V2
 CHOICES = {"obs": ("pixels", "state"), "act": tuple(ACTIVATIONS), "precision": (16, 32),
            "actor_grad": ("auto", "dynamics", "reinforce", "both"), "norm": ("none", "layer"),  # V2
@@ -1228,7 +1229,7 @@ class DreamerAgent:
                 self.logger.scalar(f"openloop_mse_{k}", error[context + k - 1])
         if cfg.video and wm.obs_key == "image":
             save_gif(self.logdir / "videos" / f"openloop-{self.step:010d}.gif",
-                     openloop_frames(obs[:, :4], model[:, :4], context))
+                     openloop_frames(obs[:, :4], model[:, :4], context, cfg.video_scale))
 
     # --- The documentation page's convenience API
     def summary(self) -> dict:
@@ -1330,6 +1331,8 @@ def check_type(name: str, value):
         value = float(value)
     if kind == "bool" and isinstance(value, str) and value.lower() in BOOLS:
         value = BOOLS[value.lower()]
+    if kind == "str" and isinstance(value, os.PathLike):     # logdir=Path(...)
+        value = os.fspath(value)
     python_type = dict(int=int, float=float, bool=bool, str=str)[kind]
     if type(value) is not python_type:
         raise ConfigError(f"config field '{name}' has value {value!r} of type {type(value).__name__}; "
@@ -1792,6 +1795,19 @@ def plot_panel(ax, records, keys, seed_steps=0, label="") -> None:
 
 def plot_curves(logdir) -> Path | None:
     """curves.png: returns and the metrics that tell the pitfalls apart, against env steps."""
+    import matplotlib.pyplot as plt
+    fig = curves_figure(logdir)
+    if fig is None:
+        return None
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write(Path(logdir) / "curves.png", buffer.getvalue())
+    return Path(logdir) / "curves.png"
+
+
+def curves_figure(logdir):
+    """The figure of curves.png, titled with the algo, env, observations, seed and run name."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1815,11 +1831,7 @@ def plot_curves(logdir) -> Path | None:
     fig.suptitle(f"{ALGO} · {config.get('env', '?')} · {config.get('obs', '')} · seed {config.get('seed', '?')}"
                  f" · {Path(logdir).name}", fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    atomic_write(Path(logdir) / "curves.png", buffer.getvalue())
-    return Path(logdir) / "curves.png"
+    return fig
 
 
 def openloop_frames(truth, model, context: int, scale: int = 1) -> list:
