@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy  # V2: the slow critic is a copy of the critic
+import copy
 import difflib
 import inspect
 import io
@@ -407,7 +407,7 @@ def gaussian_log_prob(x, mean):
 
 class ConvEncoder(nn.Module):
     """(..., 64, 64, C) images in [-0.5, 0.5] -> (..., embed). Four stride-2 kernel-4 convolutions
-    of depth d, 2d, 4d, 8d with valid padding: 8d x 2 x 2 features (V2: d = 48, 1536)."""
+    of depth d, 2d, 4d, 8d with valid padding: 8d x 2 x 2 features."""
 
     def __init__(self, channels: int, depth: int = 32, embed_size: int = 1024, act=nn.ReLU):
         super().__init__()
@@ -893,8 +893,8 @@ class Optimizer:
     def __init__(self, modules: list[nn.Module], lr: float, cfg: DreamerConfig, device, fused=None):
         self.params, self.clip = [p for m in modules for p in m.parameters()], cfg.grad_clip
         self.fused = device.type == "cuda" if fused is None else fused
-        # V2: decoupled weight decay shrinks each kernel (not biases or norms) by (1 - wd) per
-        # step, as the official optimiser does; AdamW multiplies it by lr, hence the division.
+        # Decoupled weight decay shrinks each kernel (not biases or norms) by (1 - wd) per step,
+        # as the official optimisers do; AdamW multiplies it by lr, hence the division.
         groups = [dict(params=[p for p in self.params if p.ndim >= 2], weight_decay=cfg.weight_decay / lr),
                   dict(params=[p for p in self.params if p.ndim < 2], weight_decay=0.0)]
         self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=cfg.adam_eps,
@@ -975,8 +975,8 @@ class Dreamer(nn.Module):
         return action, (latent, action)
 
     def explore(self, action):
-        """Exploration noise (V2: none by default): Gaussian clipped to [-1, 1], or epsilon-greedy
-        with epsilon = action_noise for one-hot actions."""
+        """Exploration noise: Gaussian clipped to [-1, 1], or epsilon-greedy with epsilon =
+        action_noise for one-hot actions."""
         noise = self.cfg.action_noise
         if self.discrete:
             random_action = F.one_hot(torch.randint(0, self.action_size, action.shape[:-1],
