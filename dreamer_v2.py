@@ -1486,8 +1486,8 @@ def load_state(model: nn.Module, data: dict, file) -> None:
 def open_run(agent: DreamerAgent) -> None:
     """Create the run directory (the first write of a run) and start the console and the logs."""
     cfg, logdir = agent.cfg, agent.logdir
-    if cfg.total_steps <= cfg.seed_steps and agent.step == 0:
-        print(f"warning: total_steps ({cfg.total_steps}) is not above seed_steps ({cfg.seed_steps}): "
+    if cfg.total_steps < cfg.seed_steps and agent.step == 0:   # (at seed_steps it pretrains)
+        print(f"warning: total_steps ({cfg.total_steps}) is below seed_steps ({cfg.seed_steps}): "
               f"this run only collects random actions and trains nothing; raise --total_steps",
               file=sys.stderr)
     try:

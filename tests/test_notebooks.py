@@ -18,13 +18,16 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-REQUIRED = {"kl_balancing.ipynb", "lambda_return.ipynb", "two_hot.ipynb"}
-CELL_TIMEOUT_S = 300      # per cell; each notebook takes well under a minute on 2 CPU cores
+REQUIRED = {"world_model.ipynb", "kl_balancing.ipynb", "lambda_return.ipynb", "two_hot.ipynb"}
+CELL_TIMEOUT_S = 300      # per cell; most notebooks take well under a minute on 2 CPU cores
 NOTEBOOK_BUDGET_S = 90    # a whole notebook, kernel start included, on a busy 2-core machine
+# world_model.ipynb collects pixel episodes and trains two small world models (V2 and V1, 500 updates
+# each) and an actor-critic: about 80 s on a busy 2-core machine, so it has a budget of its own.
+NOTEBOOK_BUDGETS_S = {"world_model.ipynb": 180}
 MAX_STORED_BYTES = 600_000  # stored outputs stay small: PNG plots, no big arrays
 
 
-def test_the_three_lessons_exist():
+def test_the_required_lessons_exist():
     assert REQUIRED <= {p.name for p in NOTEBOOKS}, f"missing from notebooks/: {REQUIRED - {p.name for p in NOTEBOOKS}}"
 
 
@@ -39,7 +42,8 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     start = time.perf_counter()
     client.execute()  # raises CellExecutionError naming the cell and its traceback on any error
     seconds = time.perf_counter() - start
-    assert seconds < NOTEBOOK_BUDGET_S, f"{path.name} took {seconds:.0f} s"
+    budget = NOTEBOOK_BUDGETS_S.get(path.name, NOTEBOOK_BUDGET_S)
+    assert seconds < budget, f"{path.name} took {seconds:.0f} s (budget {budget} s)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
