@@ -940,7 +940,7 @@ class DreamerAgent:
         cfg = self.cfg
         obs, _ = self.env.reset(seed=episode_seed(cfg.seed, self.episodes))
         episode = [transition(obs, np.zeros(self.dreamer.action_size, np.float32), 0.0, False)]
-        state, score, done = None, 0.0, False
+        state, score, done, save = None, 0.0, False, False
         while not done and not self.stop and self.step < cfg.total_steps:
             if self.step < cfg.seed_steps:
                 action = self.random_action()
@@ -960,12 +960,15 @@ class DreamerAgent:
             if self.should["log"](self.step):
                 self.count_nonfinite()
                 self.logger.write(self.step, self.console, self)
-            if self.should["save"](self.step):
+            save = self.should["save"](self.step)
+            if save and not done:
                 save_checkpoint(self)
             self.console.tick(self)
         if len(episode) > 1:
             self.replay.add({k: np.stack([step[k] for step in episode]) for k in episode[0]})
         self.episodes += done
+        if save and done:        # due at the episode's last step: taken once it is stored
+            save_checkpoint(self)
 
     def train_if_due(self) -> None:
         """`pretrain_steps` updates right after the prefill, then `train_steps` every `train_every`
@@ -1356,7 +1359,8 @@ def counters(agent: DreamerAgent) -> dict:
                 pretrained=agent.pretrained, last_train=agent.last_train,
                 pending_updates=agent.pending_updates, nonfinite_updates=agent.nonfinite,
                 consecutive_nonfinite=agent.nonfinite_in_row, best_eval=agent.best_eval,
-                schedule={k: every.last for k, every in agent.should.items()})
+                schedule={k: every.last for k, every in agent.should.items()},
+                replay_next=agent.replay.next_index)
 
 
 def save_checkpoint(agent: DreamerAgent) -> Path:
@@ -1394,6 +1398,7 @@ def resume_run(agent: DreamerAgent) -> None:
                                                                  c["pending_updates"])
     agent.nonfinite, agent.nonfinite_in_row = c["nonfinite_updates"], c["consecutive_nonfinite"]
     agent.best_eval = c["best_eval"]
+    set_aside_after_checkpoint(agent, c)
     for name, last in c["schedule"].items():
         agent.should[name].last = last
     torch.set_rng_state(data["rng"]["torch"].cpu())
@@ -1405,6 +1410,38 @@ def resume_run(agent: DreamerAgent) -> None:
     if agent.step >= cfg.total_steps:
         print(f"this run is complete (total_steps {cfg.total_steps}); to train on, resume it with "
               f"a larger total: --resume {logdir} --total_steps {2 * cfg.total_steps}")
+
+
+def set_aside_after_checkpoint(agent: DreamerAgent, c: dict) -> None:
+    """A run killed between checkpoints (kill -9, a power cut), or resumed from an older checkpoint
+    than its newest (a damaged one), has episodes and metrics lines newer than the checkpoint. The
+    resumed run collects and logs those steps again, so they move to discarded/ (kept, never
+    replayed): the run goes on exactly as if it had stopped at the checkpoint."""
+    late = [name for name in agent.replay.episodes if int(name.split("-")[0]) >= c["replay_next"]]
+    path = agent.logdir / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    newer = [(json_step(line) or 0) > agent.step for line in lines]    # a torn line stays
+    after = [line for line, new in zip(lines, newer) if new]
+    if not late and not after:
+        return
+    aside = agent.logdir / "discarded" / f"after-step-{agent.step}"
+    (aside / "episodes").mkdir(parents=True, exist_ok=True)
+    for name in late:
+        (agent.logdir / "episodes" / name).replace(aside / "episodes" / name)
+        del agent.replay.episodes[name]
+    agent.replay.next_index = min(agent.replay.next_index, c["replay_next"])
+    if after:
+        (aside / "metrics.jsonl").write_text("".join(after))
+        atomic_write(path, "".join(line for line, new in zip(lines, newer) if not new).encode())
+    print(f"warning: {len(late)} episode(s) and {len(after)} metrics line(s) newer than checkpoint "
+          f"step {agent.step} moved to {aside}; the run collects and logs those steps again",
+          file=sys.stderr)
+
+
+def json_step(line: str) -> int | None:
+    with contextlib.suppress(json.JSONDecodeError, TypeError, AttributeError):
+        return json.loads(line).get("step")
+    return None
 
 
 @contextlib.contextmanager

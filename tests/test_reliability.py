@@ -13,6 +13,7 @@ kill -9, truncated / bit-flipped / empty files on disk, pickles that would run c
                             test_resume_at_an_episode_boundary_equals_the_uninterrupted_run,
                             test_signal_at_an_episode_boundary_equals_the_uninterrupted_run
     2. crash safety ....... test_kill_9_at_random_moments, test_kill_9_in_the_middle_of_a_write,
+                            test_resume_after_a_kill_sets_aside_what_came_after_the_checkpoint,
                             test_damaged_files_are_skipped_with_a_warning, test_empty_checkpoint_*
                             test_bit_flipped_*, test_torn_metrics_line_does_not_break_resume
     3. non-finite values .. test_nonfinite_updates_never_reach_the_weights, test_nonfinite_run_*,
@@ -39,6 +40,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -79,11 +81,16 @@ def quick_curves():
         yield
 
 
+SET_ASIDE = re.compile(r"warning: \d+ episode\(s\) and \d+ metrics line\(s\) newer than checkpoint "
+                       r"step \d+ moved to \S+; the run collects and logs those steps again")
+
+
 def only_half_written_file_warnings(err: str) -> list[str]:
     """stderr of a resume after a kill: nothing but a warning per half-written temporary file
-    removed (naming it). Returns those names."""
+    removed (naming it), and the line saying what came after the checkpoint was set aside.
+    Returns the names of the removed files."""
     prefix = "warning: removing half-written file "
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not SET_ASIDE.fullmatch(line)]
     assert all(line.startswith(prefix) for line in lines), err
     return [Path(line[len(prefix):]).name for line in lines]
 
@@ -477,13 +484,38 @@ class HangingWrite(HalfWrite):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_resume_after_a_kill_sets_aside_what_came_after_the_checkpoint(variant, copied_run, base_run,
+                                                                      capsys):
+    """What kill -9 leaves between two checkpoints, made exactly: the finished 400-step base run with
+    its checkpoints at 300 and 400 deleted, so the newest is at env step 200 while episodes and
+    metrics lines up to 400 are on disk. --resume moves the episodes and lines after step 200 to
+    discarded/ (none replayed twice, none logged twice) and reaches bitwise the state and metric
+    values of the uninterrupted run, the episode that ends at the checkpoint's step kept."""
+    run = copied_run(variant)
+    for path in checkpoints(run)[1:]:
+        path.unlink()
+    before, late = episodes_on_disk(run), [r["step"] for r in metrics(run) if r["step"] > 200]
+    rc, out, err = run_main(variant, ["--resume", run, "--total_steps", 400], capsys)
+    assert rc == 0 and f"resumed {run} at env step 200" in out, err
+    aside = run / "discarded" / "after-step-200"
+    assert err.strip() == (f"warning: 2 episode(s) and {len(late)} metrics line(s) newer than "
+                           f"checkpoint step 200 moved to {aside}; the run collects and logs those "
+                           f"steps again"), err
+    assert sorted(p.name for p in (aside / "episodes").iterdir()) == list(before)[2:]
+    assert [r["step"] for r in read_jsonl(aside / "metrics.jsonl")] == late and 400 in late
+    assert_same(final_state(variant, run), final_state(variant, base_run(variant)))
+    assert metric_series(run) == metric_series(base_run(variant))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("target", ["ckpt-", ".npz"])
 def test_kill_9_in_the_middle_of_a_write(variant, target, tmp_path, capsys):
     """The deterministic worst case of the test above: a forked process of the real main() is
-    killed with SIGKILL half-way through writing its second checkpoint (env step 200) or its
-    second episode file (end of episode 2). Whatever the writer does, no ckpt-*.pt or .npz on disk
-    may be half a file, and --resume must go on, warning only that it removes the half-written
-    temporary file (named)."""
+    killed with SIGKILL half-way through writing its second checkpoint or its second episode file
+    (both at env step 200, the end of episode 2: the episode is stored first). Whatever the writer
+    does, no ckpt-*.pt or .npz on disk may be half a file, and --resume must go on from the
+    checkpoint at 100, warning only that it removes the half-written temporary file (named) and
+    sets aside the episode the checkpoint does not count."""
     mod, run, ready = module(variant), tmp_path / "run", tmp_path / "ready"
     pid = os.fork()
     if pid == 0:                                          # the child: never returns to pytest
@@ -514,8 +546,8 @@ def test_kill_9_in_the_middle_of_a_write(variant, target, tmp_path, capsys):
         load_ckpt(variant, path)                          # raises on half a file
     disk = episodes_on_disk(run)                          # raises on half a file
     newest = load_ckpt(variant, checkpoints(run)[-1])["counters"]
-    assert newest["env_steps"] == (100 if target == "ckpt-" else 200)
-    assert list(disk) == ["000000-100.npz"] and newest["episodes"] <= len(disk)
+    assert newest["env_steps"] == 100 and newest["episodes"] == 1     # episode 2 is not counted
+    assert list(disk) == ["000000-100.npz"] + (["000001-100.npz"] if target == "ckpt-" else [])
     rc, out, err = run_main(variant, ["--resume", run], capsys)
     assert rc == 0
     removed = only_half_written_file_warnings(err)
@@ -527,7 +559,7 @@ def test_kill_9_in_the_middle_of_a_write(variant, target, tmp_path, capsys):
 def test_damaged_files_are_skipped_with_a_warning(variant, copied_run, capsys):
     """The newest checkpoint cut short (a half-written file) and two episode files damaged (cut in
     half, bytes flipped: zip CRC): resume warns naming each file and continues from the previous
-    checkpoint with the good episodes."""
+    checkpoint with the good episodes, the one after that checkpoint set aside."""
     run = copied_run(variant)
     ckpts = checkpoints(run)
     ckpts[-1].write_bytes(ckpts[-1].read_bytes()[: ckpts[-1].stat().st_size // 2])
@@ -542,7 +574,8 @@ def test_damaged_files_are_skipped_with_a_warning(variant, copied_run, capsys):
     for path in files[:2]:
         assert f"warning: skipping damaged episode file {path}" in err
     assert f"resumed {run} at env step 300 from {ckpts[-2]}" in out
-    assert len([line for line in err.splitlines() if line.startswith("warning")]) == 3, err
+    assert SET_ASIDE.fullmatch(err.splitlines()[-1]) and "1 episode(s)" in err    # the one after 300
+    assert len([line for line in err.splitlines() if line.startswith("warning")]) == 4, err
     # All checkpoints damaged: a one-line error, exit code 2.
     for path in checkpoints(run):
         path.write_bytes(path.read_bytes()[:1000])
@@ -968,9 +1001,9 @@ def test_full_disk_while_writing_an_episode_or_the_metrics(variant, target, tmp_
     assert not [p for p in run.rglob(".*.tmp*")]                   # no temporary file left
     assert run_main(variant, ["--resume", run], capsys)[0] == 0      # the run goes on
     assert mod.read_metrics(run)[-1]["step"] == 300
-    # The episode that met the full disk is lost (a checkpoint at its last step was already
-    # written); the resumed run collects the rest. A metrics line costs no episode.
-    assert len(episodes_on_disk(run)) == (2 if target == "episode" else 3)
+    # No episode is lost: the checkpoint at an episode's last step is written after the episode,
+    # so the resumed run starts before the one that met the full disk and collects it again.
+    assert list(episodes_on_disk(run)) == [f"{i:06d}-100.npz" for i in range(3)]
     assert load_ckpt(variant, checkpoints(run)[-1])["counters"]["env_steps"] == 300
 
 
