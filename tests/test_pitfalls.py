@@ -53,10 +53,11 @@ def test_free_nats_far_above_the_kl_is_named_once(tmp_path, capsys, monkeypatch)
 
 
 def recorded_runs():
-    return sorted(p.parent for p in (ROOT / "results").glob("*/metrics.jsonl"))
+    """Every recorded run, those drawn side by side in one figure (results/<run>/<label>/) too."""
+    return sorted(p.parent for p in (ROOT / "results").rglob("metrics.jsonl"))
 
 
-@pytest.mark.parametrize("run", recorded_runs(), ids=lambda p: p.name)
+@pytest.mark.parametrize("run", recorded_runs(), ids=lambda p: str(p.relative_to(ROOT / "results")))
 def test_no_pitfall_warning_fires_on_the_recorded_runs(run):
     config = yaml.safe_load((run / "config.yaml").read_text())
     variant = "dreamer_v1" if str(config.get("algo", "Dreamerv1")).lower().endswith("v1") else "dreamer_v2"
