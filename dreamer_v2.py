@@ -1650,7 +1650,8 @@ class Console:
     def phase(self, agent, name: str | None) -> None:
         """An explicit phase (evaluating) until None, then back to the schedule's."""
         self.current = name or self.phase_of(agent)
-        print(f"phase: {self.current}", flush=True)
+        if name or agent.step < agent.cfg.total_steps:        # no new phase after the last step
+            print(f"phase: {self.current}", flush=True)
         self.last_line = time.time()
 
     def update_seconds(self, seconds: float) -> None:

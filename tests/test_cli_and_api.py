@@ -150,6 +150,15 @@ def test_console_lines_carry_the_progress_bar(variant, tmp_path, capsys):
     assert "fps " in lines[5]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_phase_is_announced_after_the_last_step(variant, tmp_path, capsys):
+    """An evaluation at the last env step is the run's last phase: no `phase: training` after it."""
+    rc, out, err = run_main(variant, to_cli(tiny(variant, logdir=tmp_path / "run", eval_every=200)), capsys)
+    assert rc == 0, err
+    phases = [line for line in out.splitlines() if line.startswith("phase: ")]
+    assert phases[-1] == "phase: evaluating" and phases.count("phase: evaluating") == 1, phases
+
+
 # =================================================================================================
 # The seed page's API: summary() and parameter_count(), from_config(..., seed=)
 # =================================================================================================
