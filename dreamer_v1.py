@@ -1484,7 +1484,8 @@ class Console:
     def start(self, agent) -> None:
         self.last_line, self.current = time.time(), self.phase_of(agent)
         self.phase_start, self.updating = (time.time(), agent.step), 0.0
-        print(f"phase: {self.current}", flush=True)
+        if agent.step < agent.cfg.total_steps:                 # a finished run has no phase left
+            print(f"phase: {self.current}", flush=True)
 
     def phase_of(self, agent) -> str:
         cfg = agent.cfg

@@ -31,8 +31,9 @@ def test_resuming_a_finished_run_says_it_is_complete_and_how_to_extend_it(varian
     assert rc == 0
     assert f"this run is complete (total_steps 200); to train on, resume it with a larger total: " \
            f"--resume {run} --total_steps 400" in out
+    assert "phase: " not in out                                   # nothing left to do, none named
     rc, out, _ = run_main(variant, ["--resume", run, "--total_steps", 300], capsys)
-    assert rc == 0 and "is complete" not in out
+    assert rc == 0 and "is complete" not in out and "phase: training" in out
     assert module(variant).load_torch(sorted((run / "ckpts").glob("ckpt-*.pt"))[-1])["counters"]["env_steps"] == 300
 
 
