@@ -1,0 +1,60 @@
+"""results/record.py and results/plot.py: a real tiny run recorded as a reader finds it under
+results/, and the wall time read from the metrics' stamps against hand-computed cases."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import module, read_jsonl, run_main, tiny, to_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "results"))
+
+import record  # noqa: E402  (results/record.py)
+
+
+@pytest.mark.parametrize("times, expected", [
+    ([0.0, 10.0, 20.0, 5000.0, 5010.0], (30.0, 1)),       # one stop: the 4980 s gap left out
+    ([0.0, 1800.0, 3600.0], (3600.0, 0)),                  # a gap of exactly max_gap counts
+    ([100.0], (0.0, 0)),                                   # one line: no interval yet
+    ([0.0, 5.0, 4000.0, 4005.0, 9000.0, 9001.0], (11.0, 2)),
+])
+def test_active_seconds_leave_out_the_stopped_gaps(times, expected):
+    assert record.active_seconds(times, max_gap=1800.0) == expected
+
+
+def test_a_real_run_is_recorded_without_checkpoints_or_replay(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "recorded"
+    rc, _, err = run_main("dreamer_v2", to_cli(tiny("dreamer_v2", logdir=run, eval_every=100)), capsys)
+    assert rc == 0, err
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "results" / "record.py"), str(run), str(out), "--title", "tiny V2",
+         "--command", "python dreamer_v2.py ...", "--commit", "abc1234", "--device", "CPU: test",
+         "--official", "v2-cartpole-balance", "--reference", "random actions=-1254"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "curve.png", "metrics.jsonl", "run.json"]
+    assert (out / "metrics.jsonl").read_bytes() == (run / "metrics.jsonl").read_bytes()
+    info = json.loads((out / "run.json").read_text())
+    assert info["env_steps"] == info["total_steps"] == 300 and info["stops_found"] == 0
+    assert list(info["evaluations"]) == ["100", "200", "300"]               # every eval_every steps
+    evals = [r["eval_return"] for r in read_jsonl(run / "metrics.jsonl") if "eval_return" in r]
+    assert list(info["evaluations"].values()) == [round(x, 1) for x in evals]
+    assert info["references"] == {"random actions": -1254.0}
+    assert info["official"] == "v2-cartpole-balance" and info["commit"] == "abc1234"
+    stamps = [r["time"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert info["wall_time_s"] == round(stamps[-1] - stamps[0])            # no stop in a tiny run
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert module("dreamer_v2").DreamerConfig.from_yaml(out / "config.yaml").total_steps == 300
+
+
+def test_a_directory_without_metrics_is_one_error_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "results" / "record.py"), str(tmp_path), str(tmp_path / "out"),
+         "--title", "t", "--command", "c", "--commit", "x", "--device", "d"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path} has no metrics.jsonl lines; allowed: a run directory"]
+    assert not (tmp_path / "out").exists()
