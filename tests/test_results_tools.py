@@ -1,5 +1,6 @@
-"""results/record.py and results/plot.py: a real tiny run recorded as a reader finds it under
-results/, and the wall time read from the metrics' stamps against hand-computed cases."""
+"""The tools under results/: record.py (a real tiny run recorded as a reader finds it, the wall
+time from the metrics' stamps against hand-computed cases), plot.py (through record.py) and
+imagination_check.py (the simulator set to stored states gives back the stored rewards)."""
 
 import json
 import subprocess
@@ -58,3 +59,26 @@ def test_a_directory_without_metrics_is_one_error_line(tmp_path):
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
         f"error: {tmp_path} has no metrics.jsonl lines; allowed: a run directory"]
     assert not (tmp_path / "out").exists()
+
+
+def test_imagination_check_sets_the_simulator_to_a_stored_state(tmp_path, capsys):
+    """The true returns come from a fresh dm_control cartpole set to a stored state: replaying the
+    stored actions from there must give back the stored rewards (the physics is deterministic), and
+    the whole check runs on a real tiny run and prints its table."""
+    import imagination_check as ic
+    from dm_control import suite
+    run = tmp_path / "run"
+    fields = tiny("dreamer_v2", env="dmc/cartpole-balance", time_limit=200, logdir=run, total_steps=400)
+    rc, _, err = run_main("dreamer_v2", to_cli(fields), capsys)
+    assert rc == 0, err
+    v2 = module("dreamer_v2")
+    episode = v2.load_episode(sorted((run / "episodes").glob("*.npz"))[0])
+    env = suite.load("cartpole", "balance", task_kwargs={"random": 0, "time_limit": float("inf")})
+    for t in (0, 17, 60):
+        steps = iter(episode["action"][t + 1: t + 11, 0])
+        real = ic.true_return(env, episode["state"][t], lambda obs: next(steps), 10, repeat=2)
+        assert real == pytest.approx(float(episode["reward"][t + 1: t + 11].sum()), abs=1e-4), t
+    assert ic.main([str(run), "--starts", "3", "--horizon", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| actions (5 agent steps) | imagined return | true return |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| -1", "| 0", "| +1", "| actor"]
