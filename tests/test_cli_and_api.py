@@ -1,5 +1,5 @@
 """The scripts as a user meets them: the flagship commands at the papers' full sizes, the console's
-progress bar, the seed page's API (summary, from_config), optional logging back-ends, Ctrl-C
+progress bar, the original documentation page's API (summary, from_config), optional logging back-ends, Ctrl-C
 outside the training loop, exploration noise, discrete actions in V1, and V2's options
 (LayerNorm, SiLU, two-hot reward head, life-loss discount) in real short runs.
 """
@@ -160,7 +160,7 @@ def test_no_phase_is_announced_after_the_last_step(variant, tmp_path, capsys):
 
 
 # =================================================================================================
-# The seed page's API: summary() and parameter_count(), from_config(..., seed=)
+# The original documentation page's API: summary() and parameter_count(), from_config(..., seed=)
 # =================================================================================================
 
 def dense(i, o):

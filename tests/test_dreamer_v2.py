@@ -163,7 +163,7 @@ def test_free_nats_per_step_clips_each_kl_then_averages():
 
 
 # =================================================================================================
-# symlog / symexp and two-hot (DreamerV3 Sec. 2; the seed page's `reward_head: twohot` option)
+# symlog / symexp and two-hot (DreamerV3 Sec. 2; the original documentation page's `reward_head: twohot` option)
 # =================================================================================================
 
 def test_symlog_and_symexp_are_inverses_and_match_the_formula():
