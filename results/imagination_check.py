@@ -26,6 +26,12 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 
+def fail(message: str):
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def set_cartpole_state(physics, state: np.ndarray) -> None:
     """dm_control cartpole's observation is [cart x, cos, sin, cart velocity, angular velocity]."""
     x, cos, sin, xdot, thetadot = state[:5]
@@ -112,7 +118,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     if not str(config.get("env", "")).startswith("dmc/cartpole-") or config.get("obs") != "state":
-        raise SystemExit(f"error: {args.run} is a run of {config.get('env')} from {config.get('obs')}; "
+        fail(f"{args.run} is a run of {config.get('env')} from {config.get('obs')}; "
                          f"allowed: a dmc/cartpole-* run with --obs state")
     script = __import__("dreamer_v1" if str(config.get("algo")).lower().endswith("v1") else "dreamer_v2")
     model = script.Dreamer.from_pretrained(args.run)

@@ -27,6 +27,12 @@ import yaml  # noqa: E402
 import dreamer_v2  # noqa: E402  (read_metrics is the same in both scripts)
 
 
+def fail(message: str):
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def active_seconds(times: list[float], max_gap: float) -> tuple[float, int]:
     """(the summed gaps between consecutive stamps of at most max_gap, the number of longer gaps)."""
     gaps = [b - a for a, b in zip(times, times[1:])]
@@ -36,7 +42,7 @@ def active_seconds(times: list[float], max_gap: float) -> tuple[float, int]:
 def record(run: Path, out: Path, args) -> Path:
     records = dreamer_v2.read_metrics(run)
     if not records:
-        raise SystemExit(f"error: {run} has no metrics.jsonl lines; allowed: a run directory")
+        fail(f"{run} has no metrics.jsonl lines; allowed: a run directory")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.yaml", "metrics.jsonl"):
         shutil.copyfile(run / name, out / name)

@@ -56,7 +56,7 @@ def test_a_directory_without_metrics_is_one_error_line(tmp_path):
         [sys.executable, str(ROOT / "results" / "record.py"), str(tmp_path), str(tmp_path / "out"),
          "--title", "t", "--command", "c", "--commit", "x", "--device", "d"],
         capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {tmp_path} has no metrics.jsonl lines; allowed: a run directory"]
     assert not (tmp_path / "out").exists()
 
@@ -82,3 +82,12 @@ def test_imagination_check_sets_the_simulator_to_a_stored_state(tmp_path, capsys
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| actions (5 agent steps) | imagined return | true return |")
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| -1", "| 0", "| +1", "| actor"]
+
+
+def test_imagination_check_of_another_task_is_one_error_line(tmp_path):
+    (tmp_path / "config.yaml").write_text("env: gym/Pendulum-v1\nobs: state\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "results" / "imagination_check.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path} is a run of gym/Pendulum-v1 from state; allowed: a dmc/cartpole-* run "
+        f"with --obs state"]
