@@ -679,7 +679,7 @@ class ReplayBuffer:
             episode = load_episode(path)
             if episode is not None:
                 self.episodes[path.name] = episode
-        self.next_index = 1 + max((int(n.split("-")[0]) for n in self.episodes), default=-1)
+        self.next_index = 1 + max(map(episode_number, self.episodes), default=-1)
         self._enforce_capacity()
 
     @property
@@ -695,6 +695,17 @@ class ReplayBuffer:
         self.episodes[name] = episode
         self.next_index += 1
         self._enforce_capacity()
+
+    def set_aside(self, first: int, directory: Path) -> int:
+        """Move the episodes numbered `first` and later out of replay into `directory`; the next
+        one stored is numbered `first` again (or lower, were that file lost). Returns how many."""
+        late = [name for name in self.episodes if episode_number(name) >= first]
+        for name in late:
+            directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / name).replace(directory / name)
+            del self.episodes[name]
+        self.next_index = min(self.next_index, first)
+        return len(late)
 
     def _enforce_capacity(self) -> None:
         while len(self.episodes) > 1 and self.num_steps > self.capacity:
@@ -716,6 +727,10 @@ class ReplayBuffer:
             start = rng.integers(0, len(usable[i]["reward"]) - self.seq_len + 1)
             chunks.append({k: v[start:start + self.seq_len] for k, v in usable[i].items()})
         return {k: np.stack([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def episode_number(name: str) -> int:
+    return int(name.split("-")[0])                     # "000012-500.npz": episode 12, 500 steps
 
 
 def load_episode(path) -> dict | None:
@@ -1417,25 +1432,20 @@ def set_aside_after_checkpoint(agent: DreamerAgent, c: dict) -> None:
     than its newest (a damaged one), has episodes and metrics lines newer than the checkpoint. The
     resumed run collects and logs those steps again, so they move to discarded/ (kept, never
     replayed): the run goes on exactly as if it had stopped at the checkpoint."""
-    late = [name for name in agent.replay.episodes if int(name.split("-")[0]) >= c["replay_next"]]
-    path = agent.logdir / "metrics.jsonl"
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-    newer = [(json_step(line) or 0) > agent.step for line in lines]    # a torn line stays
-    after = [line for line, new in zip(lines, newer) if new]
-    if not late and not after:
-        return
     aside = agent.logdir / "discarded" / f"after-step-{agent.step}"
-    (aside / "episodes").mkdir(parents=True, exist_ok=True)
-    for name in late:
-        (agent.logdir / "episodes" / name).replace(aside / "episodes" / name)
-        del agent.replay.episodes[name]
-    agent.replay.next_index = min(agent.replay.next_index, c["replay_next"])
+    late = agent.replay.set_aside(c["replay_next"], aside / "episodes")
+    path = agent.logdir / "metrics.jsonl"
+    keep, after = [], []
+    for line in (path.read_text().splitlines(keepends=True) if path.exists() else []):
+        (after if (json_step(line) or 0) > agent.step else keep).append(line)   # a torn line stays
     if after:
+        aside.mkdir(parents=True, exist_ok=True)
         (aside / "metrics.jsonl").write_text("".join(after))
-        atomic_write(path, "".join(line for line, new in zip(lines, newer) if not new).encode())
-    print(f"warning: {len(late)} episode(s) and {len(after)} metrics line(s) newer than checkpoint "
-          f"step {agent.step} moved to {aside}; the run collects and logs those steps again",
-          file=sys.stderr)
+        atomic_write(path, "".join(keep).encode())
+    if late or after:
+        print(f"warning: {late} episode(s) and {len(after)} metrics line(s) newer than checkpoint "
+              f"step {agent.step} moved to {aside}; the run collects and logs those steps again",
+              file=sys.stderr)
 
 
 def json_step(line: str) -> int | None:

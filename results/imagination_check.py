@@ -58,6 +58,18 @@ def true_return(env, state, actions_or_policy, horizon: int, repeat: int) -> flo
     return total
 
 
+class ClosedLoop:
+    """The actor's mode in the simulator: it filters each real observation, as in an episode."""
+
+    def __init__(self, model, state):
+        self.model, self.state = model, state
+
+    def __call__(self, obs) -> float:
+        action, self.state = self.model.policy_step(torch.as_tensor(obs, dtype=torch.float32)[None],
+                                                    self.state, False)
+        return float(action[0, 0])
+
+
 @torch.no_grad()
 def check(model, episodes: list[dict], starts: int, horizon: int, seed: int) -> list[dict]:
     from dm_control import suite
@@ -76,26 +88,16 @@ def check(model, episodes: list[dict], starts: int, horizon: int, seed: int) -> 
         before = {k: v[-2] for k, v in post.items()}               # at t - 1: the policy filters o_t
         row = {"t": t}
         for name, const in (("-1", -1.0), ("0", 0.0), ("+1", 1.0), ("actor", None)):
-            state, imagined = start, 0.0
+            state, feat, imagined = start, wm.rssm.feat(start), 0.0
             for _ in range(horizon):
-                feat = wm.rssm.feat(state)
                 act = (model.actor_critic.actor(feat).mode() if const is None
                        else torch.full((1, model.action_size), const))
                 state = wm.rssm.img_step(state, act)
-                next_feat = wm.rssm.feat(state)
-                reward = wm.reward_mean(next_feat) if hasattr(wm, "reward_mean") else wm.reward(next_feat)
+                feat = wm.rssm.feat(state)
+                reward = wm.reward_mean(feat) if hasattr(wm, "reward_mean") else wm.reward(feat)  # V2 / V1
                 imagined += float(reward.reshape(-1)[0])
-            if const is None:
-                policy_state = [None]
-
-                def policy(o):
-                    a, policy_state[0] = model.policy_step(torch.as_tensor(o, dtype=torch.float32)[None],
-                                                           policy_state[0] or (before, action[-1]), False)
-                    return float(a[0, 0])
-                real = true_return(env, ep["state"][t], policy, horizon, cfg.action_repeat)
-            else:
-                real = true_return(env, ep["state"][t], const, horizon, cfg.action_repeat)
-            row[name] = (imagined, real)
+            actions = const if const is not None else ClosedLoop(model, (before, action[-1]))
+            row[name] = (imagined, true_return(env, ep["state"][t], actions, horizon, cfg.action_repeat))
         rows.append(row)
     return rows
 
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     if not str(config.get("env", "")).startswith("dmc/cartpole-") or config.get("obs") != "state":
         fail(f"{args.run} is a run of {config.get('env')} from {config.get('obs')}; "
-                         f"allowed: a dmc/cartpole-* run with --obs state")
+             f"allowed: a dmc/cartpole-* run with --obs state")
     script = __import__("dreamer_v1" if str(config.get("algo")).lower().endswith("v1") else "dreamer_v2")
     model = script.Dreamer.from_pretrained(args.run)
     episodes = [script.load_episode(p) for p in sorted((args.run / "episodes").glob("*.npz"))]

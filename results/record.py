@@ -56,10 +56,8 @@ def record(run: Path, out: Path, args) -> Path:
         torch=torch.__version__, env_steps=max(r["step"] for r in records),
         total_steps=config.get("total_steps"), wall_time_s=round(seconds), stops_found=stops,
         evaluations={str(r["step"]): round(r["eval_return"], 1) for r in records if "eval_return" in r},
-        references=dict(ref.rsplit("=", 1) for ref in args.reference) or None,
+        references={label: float(value) for label, value in (r.rsplit("=", 1) for r in args.reference)} or None,
         official=args.official, note=args.note)
-    if info["references"]:
-        info["references"] = {k: float(v) for k, v in info["references"].items()}
     (out / "run.json").write_text(json.dumps({k: v for k, v in info.items() if v is not None}, indent=1) + "\n")
     return plot.draw(out)
 
