@@ -1,5 +1,4 @@
 """DreamerV1 in one file: "Dream to Control: Learning Behaviors by Latent Imagination".
-
 Hafner, Lillicrap, Ba, Norouzi. ICLR 2020. arXiv:1912.01603.
 
 The idea. Dreamer learns a world model from experience: a recurrent state-space model (RSSM) that
@@ -18,23 +17,26 @@ Run:
 
 Map of the file, in the paper's order:
     1. Config ............ DreamerConfig and its presets
-    2. Distributions ..... tanh-normal actions, one-hot actions with straight-through gradients
+    2. Distributions ..... the actor's and the latent state's distributions
     3. Networks .......... ConvEncoder, ConvDecoder, MLP, Actor
-    4. RSSM .............. Gaussian latents, GRU
-    5. WorldModel ........ Sec. 4: its loss, imagination, open-loop prediction
-    6. ActorCritic ....... Sec. 3: lambda-returns, action and value model losses
+    4. RSSM .............. the recurrent state-space model
+    5. WorldModel ........ its loss, imagination, open-loop prediction
+    6. ActorCritic ....... lambda-returns, the actor and critic losses
     7. Replay ............ whole episodes on disk, sequences of 50 steps
-    8. Dreamer, DreamerAgent: the update and the training loop (Algorithm 1)
+    8. Dreamer, DreamerAgent: the update and the training loop
     9. Running it ........ config files, CLI, checkpoints, signals, logging, plots (stop reading here)
 
 The paper's equations (arXiv v3) and where they are computed:
-    Eq. (1)  representation, transition and reward models ......................... RSSM.obs_step / img_step
-    Eq. (2)  action and value models .............................................. Actor, ActorCritic.value
-    Eq. (3)  tanh-normal action model ............................................. TanhNormal, Actor
-    Eq. (4)  V_R, Eq. (5) V_N^k, Eq. (6) V_lambda ................................. lambda_return
-    Eq. (7)  action model loss .................................................... ActorCritic.loss
-    Eq. (8)  value model loss ..................................................... ActorCritic.loss
-    Eq. (10) reconstruction objective J_O + J_R + J_D, free nats .................. WorldModel.loss, kl_loss
+    Sec. 3   behaviour learning in imagination ................................. ActorCritic
+    Sec. 4   learning the latent dynamics ...................................... WorldModel
+    Alg. 1   dynamics learning, behaviour learning, environment interaction .... Dreamer.update, DreamerAgent.train
+    Eq. (1)  representation, transition and reward models ...................... RSSM.obs_step / img_step
+    Eq. (2)  action and value models ........................................... Actor, ActorCritic.value
+    Eq. (3)  tanh-normal action model .......................................... TanhNormal, Actor
+    Eq. (4)  V_R, Eq. (5) V_N^k, Eq. (6) V_lambda .............................. lambda_return
+    Eq. (7)  action model loss ................................................. ActorCritic.loss
+    Eq. (8)  value model loss .................................................. ActorCritic.loss
+    Eq. (10) reconstruction objective J_O + J_R + J_D, free nats ............... WorldModel.loss, kl_loss
 
 Tensors inside the model are time-major, (T, B, ...); replay hands out (B, T, ...) and the update
 transposes once.
@@ -455,16 +457,16 @@ class RSSM(nn.Module):
         return dict(mean=mean, std=std, stoch=mean + std * torch.randn_like(std))
 
     def img_step(self, prev_state: dict, prev_action: torch.Tensor) -> dict:
-        """Transition model q(s_t | s_{t-1}, a_{t-1}) (Eq. 1) through the GRU state
-        h_t = f(h_{t-1}, s_{t-1}, a_{t-1}): the prior."""
+        """The prior, from the transition model: the GRU state h_t from h_{t-1} and the previous
+        stochastic state and action, then the stochastic state's distribution given h_t alone."""
         x = self.act(self.img_in(torch.cat([prev_state["stoch"], prev_action], -1)))
         deter = self.cell(x, prev_state["deter"])
         stats = self._stats(self.prior_head(self.act(self.img_out(deter))))
         return dict(**stats, deter=deter)
 
     def obs_step(self, prev_state: dict, prev_action, embed) -> tuple[dict, dict]:
-        """Representation model p(s_t | s_{t-1}, a_{t-1}, o_t) (Eq. 1): the prior's h_t plus the
-        observation's embedding. Returns (posterior, prior)."""
+        """The posterior, from the representation model: the prior's h_t and the observation's
+        embedding. Returns (posterior, prior)."""
         prior = self.img_step(prev_state, prev_action)
         x = self.act(self.obs_out(torch.cat([prior["deter"], embed], -1)))
         post = dict(**self._stats(self.post_head(x)), deter=prior["deter"])
@@ -502,8 +504,8 @@ def stack(states: list[dict]) -> dict:
 
 
 # =================================================================================================
-# 5. World model (Sec. 4): encoder, RSSM, observation, reward and discount models, trained by the
-#    reconstruction objective (Eq. 10) with free nats; imagination and open-loop prediction.
+# 5. World model: encoder, RSSM, image, reward and discount heads, trained by the world-model
+#    loss; imagination and open-loop prediction.
 # =================================================================================================
 
 def kl_loss(post: dict, prior: dict, free_nats: float = 3.0, scale: float = 1.0):
@@ -563,7 +565,7 @@ class WorldModel(nn.Module):
         kl_term, kl_metrics = kl_loss(post, prior, cfg.free_nats, cfg.kl_loss_coeff)  # J_D
         loss = kl_term - obs_like - reward_like
         metrics = dict(obs_loss=-obs_like, reward_loss=-reward_like, **kl_metrics)
-        if self.discount_head is not None:  # the official pcont: Bernoulli ln q(gamma_t | s_t)
+        if self.discount_head is not None:  # the discount head: a Bernoulli log-likelihood
             discount_like = -F.binary_cross_entropy_with_logits(
                 self.discount_head(feat).float().squeeze(-1), cfg.discount * batch["discount"])
             loss = loss - cfg.discount_scale * discount_like
@@ -600,8 +602,7 @@ class WorldModel(nn.Module):
 
 
 # =================================================================================================
-# 6. Actor-critic (Sec. 3), learned on imagined trajectories: V_lambda (Eq. 4-6), the action model
-#    (Eq. 7) and the value model (Eq. 8).
+# 6. Actor-critic, learned on imagined trajectories: lambda-returns, the actor and the critic.
 # =================================================================================================
 
 def lambda_return(reward, value, discount, bootstrap, lambda_: float):
@@ -610,8 +611,8 @@ def lambda_return(reward, value, discount, bootstrap, lambda_: float):
 
         G_t = r_t + gamma_t * ((1 - lambda) * v_{t+1} + lambda * G_{t+1}),  v_T = G_T = bootstrap
 
-    Equal to the paper's exponentially weighted average of the k-step estimates V_N^k (Eq. 5).
-    `discount` is constant, or learned (pcont); a 0 ends the return at that step.
+    Equal to the exponentially weighted average of the k-step returns (V1 paper, Eq. 5-6).
+    `discount` is a constant or the learned discount; a 0 ends the return at that step.
     """
     next_value = torch.cat([value[1:], bootstrap[None]], 0)
     inputs = reward + discount * next_value * (1 - lambda_)

@@ -1,5 +1,4 @@
 """DreamerV2 in one file: "Mastering Atari with Discrete World Models".
-
 Hafner, Lillicrap, Norouzi, Ba. ICLR 2021. arXiv:2010.02193.
 
 The idea. DreamerV2 keeps DreamerV1's recipe (dreamer_v1.py): learn a world model from replayed
@@ -17,26 +16,29 @@ Run:
     python dreamer_v2.py --eval_only runs/<run>                      # evaluate its latest checkpoint
 
 Map of the file, in the paper's order:
-    1. Config ............ DreamerConfig, the atari and dmc presets
-    2. Distributions ..... straight-through categoricals, truncated normal, two-hot
+    1. Config ............ DreamerConfig and its presets
+    2. Distributions ..... the actor's and the latent state's distributions
     3. Networks .......... ConvEncoder, ConvDecoder, MLP, Actor
-    4. RSSM .............. categorical latents, layer-normed GRU
-    5. WorldModel ........ Sec. 2.1: its loss with KL balancing, imagination, open-loop prediction
-    6. ActorCritic ....... Sec. 2.2: lambda-returns, actor and critic losses, the slow critic
+    4. RSSM .............. the recurrent state-space model
+    5. WorldModel ........ its loss, imagination, open-loop prediction
+    6. ActorCritic ....... lambda-returns, the actor and critic losses
     7. Replay ............ whole episodes on disk, sequences of 50 steps
     8. Dreamer, DreamerAgent: the update and the training loop
     9. Running it ........ config files, CLI, checkpoints, signals, logging, plots (stop reading here)
 
 The paper's equations (arXiv v4) and where they are computed:
+    Sec. 2.1 world model learning .............................................. WorldModel
+    Sec. 2.2 behaviour learning (the actor-critic) ............................. ActorCritic
     Eq. (1)  RSSM: recurrent model, representation model, transition predictor . RSSM.img_step / obs_step
-             image, reward and discount predictors ................................ WorldModel heads
-    Eq. (2)  world-model loss ..................................................... WorldModel.loss
-    Alg. 1   straight-through gradients ........................................... straight_through_sample
-    Alg. 2   KL balancing ........................................................ kl_loss
-    Eq. (3)  actor and critic ..................................................... Actor, ActorCritic.value
-    Eq. (4)  lambda-target V^lambda ............................................... lambda_return
-    Eq. (5)  critic loss .......................................................... ActorCritic.loss
-    Eq. (6)  actor loss: REINFORCE, dynamics backprop, entropy ...................... ActorCritic.loss
+             image, reward and discount predictors ............................. WorldModel heads
+    Eq. (2)  world-model loss .................................................. WorldModel.loss
+    Alg. 1   straight-through gradients ........................................ straight_through_sample
+    Alg. 2   KL balancing ...................................................... kl_loss
+    Eq. (3)  actor and critic .................................................. Actor, ActorCritic.value
+    Eq. (4)  lambda-target V^lambda ............................................ lambda_return
+    Eq. (5)  critic loss ....................................................... ActorCritic.loss
+    Eq. (6)  actor loss: REINFORCE, dynamics backprop, entropy ................. ActorCritic.loss
+    The actor-critic's comments write s_t for the model state (h_t, z_t) that it reads.
 
 Tensors inside the model are time-major, (T, B, ...); replay hands out (B, T, ...) and the update
 transposes once.
@@ -146,7 +148,7 @@ class DreamerConfig:
     replay_capacity: int = 2_000_000   # agent steps kept in replay; the oldest episodes are deleted
     prioritize_ends: bool = False      # V2: start more sequences near episode ends (atari: true)
     # --- Evaluation, logging and checkpoints
-    eval_every: int = 10_000           # env steps between evaluations (V2: atari 100000)
+    eval_every: int = 10_000           # env steps between evaluations
     eval_episodes: int = 1             # episodes per evaluation, with the actor's mode
     scalar_freq: int = 1000            # env steps between lines of metrics.jsonl
     checkpoint_interval: int = 10_000  # env steps between checkpoints
@@ -543,7 +545,7 @@ class RSSM(nn.Module):
         return torch.cat([state["stoch"], state["deter"]], -1)
 
     @staticmethod
-    def dist(state):  # V2: 32 independent categoricals (Sec. 2.1)
+    def dist(state):
         return torch.distributions.Independent(
             torch.distributions.OneHotCategorical(logits=state["logits"].float()), 1)  # V2
 
@@ -553,15 +555,15 @@ class RSSM(nn.Module):
         return dict(logits=logits, stoch=straight_through_sample(logits).flatten(-2))
 
     def img_step(self, prev_state: dict, prev_action: torch.Tensor) -> dict:
-        """V2: the recurrent model h_t = f(h_{t-1}, z_{t-1}, a_{t-1}), then the transition predictor
-        p(z_t | h_t) (Eq. 1): the prior."""
+        """The prior, from the transition model: the GRU state h_t from h_{t-1} and the previous
+        stochastic state and action, then the stochastic state's distribution given h_t alone."""
         x = self.act(self.img_in(torch.cat([prev_state["stoch"], prev_action], -1)))
         deter = self.cell(x, prev_state["deter"])
         stats = self._stats(self.prior_head(self.act(self.img_out(deter))))
         return dict(**stats, deter=deter)
 
     def obs_step(self, prev_state: dict, prev_action, embed) -> tuple[dict, dict]:
-        """V2: the representation model q(z_t | h_t, x_t) (Eq. 1): the prior's h_t and the observation's
+        """The posterior, from the representation model: the prior's h_t and the observation's
         embedding. Returns (posterior, prior)."""
         prior = self.img_step(prev_state, prev_action)
         x = self.act(self.obs_out(torch.cat([prior["deter"], embed], -1)))
@@ -601,8 +603,8 @@ def stack(states: list[dict]) -> dict:
 
 
 # =================================================================================================
-# 5. World model (V2: Sec. 2.1): encoder, RSSM, image, reward and discount predictors, trained by
-#    Eq. (2) with KL balancing (Algorithm 2); imagination and open-loop prediction.
+# 5. World model: encoder, RSSM, image, reward and discount heads, trained by the world-model
+#    loss; imagination and open-loop prediction.
 # =================================================================================================
 
 def kl_loss(post: dict, prior: dict, free_nats: float = 0.0, scale: float = 1.0,
@@ -633,7 +635,7 @@ def kl_loss(post: dict, prior: dict, free_nats: float = 0.0, scale: float = 1.0,
 class Imagined:
     """A batch of imagined trajectories, time-major: feat (H+1, N, F) holds the start state and H
     imagined states; action[t] (H+1, N, A) led to feat[t] (zeros at t = 0); reward[t] and
-    discount[t] (H+1, N) are the heads' predictions at feat[t] (V2: discount[0] from replay)."""
+    discount[t] (H+1, N) are the heads' predictions at feat[t]."""
     feat: torch.Tensor
     action: torch.Tensor
     reward: torch.Tensor
@@ -694,7 +696,7 @@ class WorldModel(nn.Module):
                                       cfg.kl_alpha, cfg.free_avg)             # beta KL, balanced
         loss = kl_term - obs_like - reward_like
         metrics = dict(obs_loss=-obs_like, reward_loss=-reward_like, **kl_metrics)
-        if self.discount_head is not None:  # V2: ln p(gamma_t | h_t, z_t), Bernoulli
+        if self.discount_head is not None:  # the discount head: a Bernoulli log-likelihood
             discount_like = -F.binary_cross_entropy_with_logits(
                 self.discount_head(feat).float().squeeze(-1), cfg.discount * batch["discount"])
             loss = loss - cfg.discount_scale * discount_like
@@ -733,8 +735,7 @@ class WorldModel(nn.Module):
 
 
 # =================================================================================================
-# 6. Actor-critic (V2: Sec. 2.2), learned on imagined trajectories: lambda-targets (Eq. 4), the
-#    critic (Eq. 5) against a slow copy of itself, the actor (Eq. 6).
+# 6. Actor-critic, learned on imagined trajectories: lambda-returns, the actor and the critic.
 # =================================================================================================
 
 def lambda_return(reward, value, discount, bootstrap, lambda_: float):
@@ -743,8 +744,8 @@ def lambda_return(reward, value, discount, bootstrap, lambda_: float):
 
         G_t = r_t + gamma_t * ((1 - lambda) * v_{t+1} + lambda * G_{t+1}),  v_T = G_T = bootstrap
 
-    Equal to the exponentially weighted average of k-step returns (DreamerV1, Eq. 5-6).
-    V2: `discount` is the learned discount gamma_hat_t (or a constant); a 0 ends the return.
+    Equal to the exponentially weighted average of the k-step returns (V1 paper, Eq. 5-6).
+    `discount` is a constant or the learned discount; a 0 ends the return at that step.
     """
     next_value = torch.cat([value[1:], bootstrap[None]], 0)
     inputs = reward + discount * next_value * (1 - lambda_)
@@ -775,12 +776,12 @@ class ActorCritic(nn.Module):
         """The actor loss (V1 Eq. 7, V2 Eq. 6) and the critic loss (V1 Eq. 8, V2 Eq. 5) of imagined
         trajectories:
 
-            states   z_0   z_1   z_2  ...  z_{H-1}   z_H      feat[t] (V2 writes z_t for V1's s_t)
+            states   s_0   s_1   s_2  ...  s_{H-1}   s_H      feat[t]
             actions        a_1   a_2  ...  a_{H-1}   a_H      action[t] led to feat[t]
-            targets  V_0   V_1   V_2  ...  V_{H-1}            returns[t], Eq. (4); v(z_H) bootstraps
-            weights  1     g_0  g_0g_1 ...                    weights[t], prod of discounts before z_t
-            actor:   pi(a_{t+1} | z_t) is scored by V_{t+1}, t = 0 .. H-2
-            critic:  v(z_t) regresses onto V_t,             t = 0 .. H-1 (V2: z_0 included)
+            targets  V_0   V_1   V_2  ...  V_{H-1}            returns[t], Eq. (4); v(s_H) bootstraps
+            weights  1     g_0  g_0g_1 ...                    weights[t], prod of discounts before s_t
+            actor:   pi(a_{t+1} | s_t) is scored by V_{t+1}, t = 0 .. H-2
+            critic:  v(s_t) regresses onto V_t,             t = 0 .. H-1 (V2: s_0 included)
 
         Returns (actor loss, critic loss, metrics)."""
         cfg = self.cfg
@@ -801,7 +802,7 @@ class ActorCritic(nn.Module):
         entropy = policy.entropy()
         objective = objective + cfg.actor_entropy * entropy              # V2: eta H[a_t | z_t]
         actor_loss = -(weights[:-2] * objective).mean()                  # Eq. (6)
-        critic = self.value(traj.feat[:-1].detach()).float().squeeze(-1)  # V2: z_0 too
+        critic = self.value(traj.feat[:-1].detach()).float().squeeze(-1)  # V2: s_0 too
         value_loss = (weights[:-1] * 0.5 * (critic - returns.detach()) ** 2).mean()  # Eq. (5)
         return actor_loss, value_loss, dict(actor_loss=actor_loss, value_loss=value_loss,
                                             actor_entropy=entropy.mean(), imag_return=returns.mean(),
@@ -818,8 +819,8 @@ class ReplayBuffer:
 
     def __init__(self, directory, capacity: int, seq_len: int, rng: np.random.Generator,
                  prioritize_ends: bool = False):                       # V2: prioritize_ends
-        self.directory, self.capacity, self.seq_len, self.rng = Path(directory), capacity, seq_len, rng
         self.prioritize_ends = prioritize_ends                            # V2
+        self.directory, self.capacity, self.seq_len, self.rng = Path(directory), capacity, seq_len, rng
         self.episodes: dict[str, dict] = {}                     # file name -> arrays, oldest first
         for path in sorted(self.directory.glob("*.npz")):
             episode = load_episode(path)
