@@ -91,3 +91,60 @@ def test_imagination_check_of_another_task_is_one_error_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {tmp_path} is a run of gym/Pendulum-v1 from state; allowed: a dmc/cartpole-* run "
         f"with --obs state"]
+
+
+def _tiny_run(variant, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc, _, err = run_main(variant, to_cli(tiny(variant, logdir=run)), capsys)
+    assert rc == 0, err
+    return run
+
+
+@pytest.mark.parametrize("variant", ["dreamer_v1", "dreamer_v2"])
+@pytest.mark.parametrize("raw_mean", [3.0, 0.5])
+def test_actor_check_of_a_set_actor_matches_its_distribution_by_hand(variant, raw_mean, tmp_path, capsys):
+    """The actor's output layer set to a constant (zero kernel, bias (mean, std)): every state gets
+    the same distribution, whose statistics are computed here by hand (the truncated normal's mean
+    |a| by numerical integration)."""
+    import actor_check
+    import numpy as np
+    import torch
+    mod, run = module(variant), _tiny_run(variant, tmp_path, capsys)
+    model = mod.Dreamer.from_pretrained(run)
+    out = model.actor_critic.actor.net.net[-1]
+    raw_std = -1.0 if variant == "dreamer_v2" else -10.0
+    with torch.no_grad():
+        out.weight.zero_()
+        out.bias.copy_(torch.tensor([raw_mean, raw_std]))
+    episodes = [mod.load_episode(p) for p in sorted((run / "episodes").glob("*.npz"))]
+    stats = actor_check.actor_stats(model, episodes)
+    assert stats["states"] == sum(len(ep["reward"]) for ep in episodes) == 303     # 3 x (100 + 1)
+    if variant == "dreamer_v2":     # truncated normal on [-1, 1], mean tanh(x), std 2 sig(s/2) + 0.1
+        x, std = raw_mean, 2 / (1 + np.exp(-raw_std / 2)) + 0.1
+        grid = np.linspace(-1, 1, 200_001)
+        density = np.exp(-0.5 * ((grid - np.tanh(x)) / std) ** 2)
+        expected_abs = (np.abs(grid) * density).sum() / density.sum()
+    else:                           # tanh(u), u ~ N(5 tanh(x / 5), softplus(s + softplus^-1(5)) + 1e-4)
+        x = 5 * np.tanh(raw_mean / 5)
+        std = np.log1p(np.exp(raw_std + np.log(np.exp(5.0) - 1))) + 1e-4
+        expected_abs = abs(np.tanh(x))                                           # std ~ 0.007
+    assert stats["median_abs_x"] == pytest.approx(x, rel=1e-5)
+    assert stats["slope_at_median"] == pytest.approx(1 - np.tanh(x) ** 2, rel=1e-4)
+    assert stats["std"] == pytest.approx(std, rel=1e-4)
+    assert stats["mode_at_bound"] == (1.0 if abs(np.tanh(x)) > 0.95 else 0.0)
+    assert stats["sampled_abs"] == pytest.approx(expected_abs, abs=0.03)
+
+
+def test_actor_check_prints_a_table_and_refuses_a_directory_without_a_run(tmp_path, capsys):
+    run = _tiny_run("dreamer_v2", tmp_path, capsys)
+    script = str(ROOT / "results" / "actor_check.py")
+    proc = subprocess.run([sys.executable, script, str(run), "--weights", str(run / "ckpts")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("| weights | states |")
+    assert lines[2].startswith(f"| {run / 'ckpts'} | 303 | ")
+    proc = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: '{tmp_path}' is not a run directory (no config.yaml); allowed: a directory written by a run"]
