@@ -321,6 +321,11 @@ class TanhNormal:
     def rsample(self, shape=()):
         return torch.tanh(self.normal.rsample(shape))
 
+    @property
+    def squashed_mean(self):
+        """tanh of the Normal's mean: near the mode once the std is small."""
+        return torch.tanh(self.normal.mean)
+
     def log_prob(self, action):
         u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
         # Change of variables: log p(a) = log N(u) - log |da/du|, log(1 - tanh(u)^2) written stably.
@@ -354,6 +359,10 @@ class TruncNormal:  # V2: the continuous actor's distribution (Sec. 2.2)
 
     def mode(self):
         return self.mean.clamp(-1, 1)
+
+    @property
+    def squashed_mean(self):
+        return self.mean                                  # the actor passes tanh(x) as the mean
 
     def log_prob(self, action):
         return (self.normal.log_prob(action) - torch.log(self.mass)).sum(-1)
@@ -804,9 +813,11 @@ class ActorCritic(nn.Module):
         actor_loss = -(weights[:-2] * objective).mean()                  # Eq. (6)
         critic = self.value(traj.feat[:-1].detach()).float().squeeze(-1)  # V2: s_0 too
         value_loss = (weights[:-1] * 0.5 * (critic - returns.detach()) ** 2).mean()  # Eq. (5)
-        return actor_loss, value_loss, dict(actor_loss=actor_loss, value_loss=value_loss,
-                                            actor_entropy=entropy.mean(), imag_return=returns.mean(),
-                                            imag_reward=traj.reward.mean())
+        metrics = dict(actor_loss=actor_loss, value_loss=value_loss, actor_entropy=entropy.mean(),
+                       imag_return=returns.mean(), imag_reward=traj.reward.mean())
+        if not self.actor.discrete:  # past +-0.95 tanh's slope is under 0.1: a mode stuck at a bound
+            metrics["actor_mean_at_bound"] = (policy.squashed_mean.abs() > 0.95).float().mean()
+        return actor_loss, value_loss, metrics
 
 
 # =================================================================================================
@@ -1811,7 +1822,8 @@ def read_metrics(logdir) -> list[dict]:
 PANELS = {"return": ("train_return", "eval_return"), "world model loss": ("model_loss",),
           "KL (nats)": ("kl",), "latent entropy": ("prior_entropy", "post_entropy"),
           "open-loop error": ("openloop_mse_1", "openloop_mse_5", "openloop_mse_15"),
-          "actor entropy": ("actor_entropy",), "actor loss": ("actor_loss",), "critic loss": ("value_loss",)}
+          "actor entropy": ("actor_entropy",), "actor mean at a bound": ("actor_mean_at_bound",),
+          "actor loss": ("actor_loss",), "critic loss": ("value_loss",)}
 
 
 def plot_returns(ax, records, seed_steps=0, references=None, label="") -> None:

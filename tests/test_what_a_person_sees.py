@@ -137,3 +137,29 @@ def test_curves_have_a_title_readable_ticks_the_prefill_and_the_evaluations(vari
     evals = [line for line in returns.get_lines() if line.get_label() == "eval return"]
     assert evals and evals[0].get_marker() == "o" and len(evals[0].get_xdata()) == 5
     assert mod.plot_curves(run) == run / "curves.png" and (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_actor_mean_at_bound_is_the_share_of_action_dims_past_095(variant):
+    """The actor's output layer set to a constant mean per action dimension: raw 3.0 squashes past
+    0.95 (V2: tanh(3) = 0.995; V1: tanh(5 tanh(3 / 5)) = 0.991), raw 0.5 does not (0.46, 0.46),
+    raw -3.0 is past the lower bound: so two of the three dimensions count, in every state."""
+    mod = module(variant)
+    cfg = mod.DreamerConfig(env="gym/Pendulum-v1", obs="state", stoch_size=4, deter_size=16,
+                            hidden_size=16, num_units=24, imagine_horizon=3,
+                            **({"num_categories": 3} if variant == "dreamer_v2" else {}))
+    model = mod.Dreamer(cfg, (5,), 3, False)
+    ac, feat_size = model.actor_critic, model.world_model.feat_size
+    out = ac.actor.net.net[-1]
+    with torch.no_grad():
+        out.weight.zero_()
+        out.bias.copy_(torch.tensor([3.0, 0.5, -3.0, 0.0, 0.0, 0.0]))       # means, then stds
+    gen = torch.Generator().manual_seed(0)
+    traj = mod.Imagined(feat=torch.randn(4, 6, feat_size, generator=gen),
+                        action=torch.rand(4, 6, 3, generator=gen) * 2 - 1,
+                        reward=torch.randn(4, 6, generator=gen), discount=torch.full((4, 6), 0.99))
+    *_, metrics = ac.loss(traj)
+    assert float(metrics["actor_mean_at_bound"]) == pytest.approx(2 / 3)
+    discrete = mod.Dreamer(cfg, (5,), 3, True)
+    *_, metrics = discrete.actor_critic.loss(traj)
+    assert "actor_mean_at_bound" not in metrics                  # one-hot actions have no bound
