@@ -1722,7 +1722,7 @@ def curves_figure(logdir):
         return None
     config = yaml.safe_load((Path(logdir) / "config.yaml").read_text()) \
         if (Path(logdir) / "config.yaml").exists() else {}
-    cols = min(4, len(panels))
+    cols = math.ceil(math.sqrt(len(panels)))             # 9 panels: 3 x 3
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(3.4 * cols, 2.8 * -(-len(panels) // cols)),
                              squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels.items()):
