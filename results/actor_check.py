@@ -45,12 +45,12 @@ def actor_stats(model, episodes: list[dict], seed: int = 0) -> dict:
         post, _ = wm.rssm.observe(wm.encoder(obs), torch.as_tensor(ep["action"][:, None]).float())
         feat = wm.rssm.feat(post)
         dist = actor(feat)
-        raw_mean = actor.net(feat).float().chunk(2, -1)[0]
-        if getattr(cfg, "actor_dist", "tanh_normal") == "trunc_normal":       # V2: mean tanh(x)
-            x, std = raw_mean, dist.std
+        if getattr(cfg, "actor_dist", "tanh_normal") == "trunc_normal":
+            # V2: the mean is tanh(x); x itself is the network's output (atanh of a saturated
+            # mean would be inf), so the network runs once more for it.
+            x, std = actor.net(feat).float().chunk(2, -1)[0], dist.std
         else:                                          # V1: a = tanh(u), u ~ N(x, std)
-            x = cfg.actor_mean_scale * torch.tanh(raw_mean / cfg.actor_mean_scale)
-            std = dist.normal.scale
+            x, std = dist.normal.mean, dist.normal.scale
         modes.append(dist.mode().flatten())
         stds.append(std.flatten())
         samples.append(dist.rsample().flatten())
