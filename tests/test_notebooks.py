@@ -8,7 +8,6 @@ with no kernel to install.
 """
 
 import json
-import time
 from pathlib import Path
 
 import nbformat
@@ -19,11 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 REQUIRED = {"world_model.ipynb", "kl_balancing.ipynb", "lambda_return.ipynb", "two_hot.ipynb"}
-CELL_TIMEOUT_S = 300      # per cell; most notebooks take well under a minute on 2 CPU cores
-NOTEBOOK_BUDGET_S = 90    # a whole notebook, kernel start included, on a busy 2-core machine
-# world_model.ipynb collects pixel episodes and trains two small world models (V2 and V1, 500 updates
-# each) and an actor-critic: about 80 s on a busy 2-core machine, so it has a budget of its own.
-NOTEBOOK_BUDGETS_S = {"world_model.ipynb": 180}
+# A hang guard per cell, not a speed check: how long a notebook takes depends on the machine, and
+# belongs in benchmarks. The slowest, world_model.ipynb, takes 80-180 s on a 2-core CPU machine.
+CELL_TIMEOUT_S = 600
 MAX_STORED_BYTES = 600_000  # stored outputs stay small: PNG plots, no big arrays
 
 
@@ -39,11 +36,7 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
-    start = time.perf_counter()
     client.execute()  # raises CellExecutionError naming the cell and its traceback on any error
-    seconds = time.perf_counter() - start
-    budget = NOTEBOOK_BUDGETS_S.get(path.name, NOTEBOOK_BUDGET_S)
-    assert seconds < budget, f"{path.name} took {seconds:.0f} s (budget {budget} s)"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
