@@ -75,10 +75,28 @@ def trace(variant: str, obs: str, precision: int) -> dict:
         ckpt = sorted((logdir / "ckpts").glob("ckpt-*.pt"))[-1]
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
     tensors = [t.double() for t in state.values() if isinstance(t, torch.Tensor)]
-    return dict(updates=updates, weights=weights_digest(state),
+    return dict(updates=updates, weights=weights_digest(state), bf16_kernels=bf16_kernels(),
                 parameters=int(sum(t.numel() for t in tensors)),
                 abs_sum=float(sum(t.abs().sum() for t in tensors)),
                 square_sum=float(sum((t ** 2).sum() for t in tensors)))
+
+
+def bf16_kernels() -> str:
+    """Which CPU instructions run this machine's bf16 matrix products. Machines with the same
+    answer give the same bf16 trace; AMX and AVX-512 BF16 accumulate in other orders."""
+    import platform
+
+    import torch
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        kind = "arm"
+    elif torch.cpu._is_amx_tile_supported():
+        kind = "amx"
+    elif torch.cpu._is_avx512_bf16_supported():
+        kind = "avx512_bf16"
+    else:
+        kind = "emulated"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")              # oneDNN's own cap, where one is set
+    return f"{kind} (ONEDNN_MAX_CPU_ISA={isa})" if isa else kind
 
 
 def case_name(variant: str, obs: str, precision: int) -> str:

@@ -4,7 +4,11 @@ must give the losses of its first updates and the final weights recorded in test
 
 On a machine whose float arithmetic matches the one that wrote the trace, every loss is
 bit-identical and then the weights' digest must be too. Elsewhere (another CPU's kernels may sum in
-another order) the losses and the weights' norms must agree to 1e-4 relative."""
+another order) the fp32 losses and the weights' norms must agree to 1e-4 relative. bf16 rounds each
+product to 8 bits of mantissa, so where the bf16 matrix products run on other instructions than
+the recording machine's (AMX instead of AVX-512 BF16, say), the bf16 losses must agree to bf16's
+precision over 20 updates: 5e-2 relative or 5e-3 absolute. Capping oneDNN at AVX2 here (bf16
+emulated) moves them by at most 1.4e-2 relative, the CI's AMX machine by 1.7e-3."""
 
 import json
 import math
@@ -23,13 +27,16 @@ def test_same_trace_as_recorded(variant, obs, precision):
     if precision == 16 and not module(variant).bf16_is_fast(torch.device("cpu"))[0]:
         pytest.skip("this CPU has no native bf16: precision 16 runs as fp32 here")
     want, got = RECORDED[case_name(variant, obs, precision)], run_in_subprocess(variant, obs, precision)
+    rel, abs_ = 1e-4, 1e-6
+    if precision == 16 and got["bf16_kernels"] != want["bf16_kernels"]:
+        rel, abs_ = 5e-2, 5e-3
     assert got["parameters"] == want["parameters"]
     assert len(got["updates"]) == len(want["updates"]) == 21       # pretraining + 20 updates
     for step, (g, w) in enumerate(zip(got["updates"], want["updates"])):
         assert g.keys() == w.keys(), step
         for key in w:
-            assert math.isclose(g[key], w[key], rel_tol=1e-4, abs_tol=1e-6), (step, key, g[key], w[key])
+            assert math.isclose(g[key], w[key], rel_tol=rel, abs_tol=abs_), (step, key, g[key], w[key])
     for key in ("abs_sum", "square_sum"):
-        assert math.isclose(got[key], want[key], rel_tol=1e-4), (key, got[key], want[key])
+        assert math.isclose(got[key], want[key], rel_tol=min(rel, 1e-3)), (key, got[key], want[key])
     if got["updates"] == want["updates"]:            # same arithmetic: the same weights, bit for bit
         assert got["weights"] == want["weights"]
