@@ -53,7 +53,7 @@ def record(run: Path, out: Path, args) -> Path:
     config = yaml.safe_load((run / "config.yaml").read_text())
     info = dict(
         title=args.title, command=args.command, commit=args.commit, device=args.device,
-        torch=torch.__version__, env_steps=max(r["step"] for r in records),
+        torch=args.torch or torch.__version__, env_steps=max(r["step"] for r in records),
         total_steps=config.get("total_steps"), wall_time_s=round(seconds), stops_found=stops,
         evaluations={str(r["step"]): round(r["eval_return"], 1) for r in records if "eval_return" in r},
         references={label: float(value) for label, value in (r.rsplit("=", 1) for r in args.reference)} or None,
@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--command", required=True, help="the command that ran, as typed")
     parser.add_argument("--commit", required=True, help="the commit of the code that ran")
     parser.add_argument("--device", required=True, help="e.g. 'CPU: AMD EPYC, 2 cores, 1 thread'")
+    parser.add_argument("--torch", help="the torch version that ran, where not this machine's (a GPU run)")
     parser.add_argument("--official", choices=sorted(json.loads((ROOT / "official" / "dmc-scores.json")
                                                                 .read_text())), help="official scores to draw")
     parser.add_argument("--reference", action="append", default=[], metavar="LABEL=RETURN",

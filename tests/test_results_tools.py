@@ -33,7 +33,8 @@ def test_a_real_run_is_recorded_without_checkpoints_or_replay(tmp_path, capsys):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "results" / "record.py"), str(run), str(out), "--title", "tiny V2",
          "--command", "python dreamer_v2.py ...", "--commit", "abc1234", "--device", "CPU: test",
-         "--official", "v2-cartpole-balance", "--reference", "random actions=-1254"],
+         "--official", "v2-cartpole-balance", "--reference", "random actions=-1254",
+         "--torch", "2.11.0+cu130"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "curve.png", "metrics.jsonl", "run.json"]
@@ -45,6 +46,7 @@ def test_a_real_run_is_recorded_without_checkpoints_or_replay(tmp_path, capsys):
     assert list(info["evaluations"].values()) == [round(x, 1) for x in evals]
     assert info["references"] == {"random actions": -1254.0}
     assert info["official"] == "v2-cartpole-balance" and info["commit"] == "abc1234"
+    assert info["torch"] == "2.11.0+cu130"               # the version that ran, not this machine's
     stamps = [r["time"] for r in read_jsonl(run / "metrics.jsonl")]
     assert info["wall_time_s"] == round(stamps[-1] - stamps[0])            # no stop in a tiny run
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
