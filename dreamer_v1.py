@@ -767,11 +767,9 @@ class Optimizer:
     def __init__(self, modules: list[nn.Module], lr: float, cfg: DreamerConfig, device, fused=None):
         self.params, self.clip = [p for m in modules for p in m.parameters()], cfg.grad_clip
         self.fused = device.type == "cuda" if fused is None else fused
-        # Decoupled weight decay shrinks each kernel (not biases or norms) by (1 - wd) per step,
-        # as the official optimisers do; AdamW multiplies it by lr, hence the division.
-        groups = [dict(params=[p for p in self.params if p.ndim >= 2], weight_decay=cfg.weight_decay / lr),
-                  dict(params=[p for p in self.params if p.ndim < 2], weight_decay=0.0)]
-        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=cfg.adam_eps,
+        # Decoupled weight decay shrinks every parameter (biases and norms too: the official
+        # pattern is '.*') by (1 - wd) per step; AdamW multiplies it by lr, hence the division.
+        self.opt = torch.optim.AdamW(self.params, lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay / lr,
                                      **(dict(fused=True) if self.fused else {}))
 
     def step(self, loss: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ class DreamerConfig:
     train_seq_len: int = 50            # steps per sequence
     grad_clip: float = 100.0           # global gradient-norm clip of each optimiser
     adam_eps: float = 1e-5             # V2: Adam epsilon
-    weight_decay: float = 1e-6         # V2: decoupled; each kernel shrinks by (1 - wd) per update
+    weight_decay: float = 1e-6         # V2: decoupled; each parameter shrinks by (1 - wd) per update
     seed_steps: int = 2000             # random-action prefill in env steps (atari 200000)
     train_every: int = 10              # V2: env steps between training phases (atari 64)
     train_steps: int = 1               # gradient updates per training phase
@@ -920,11 +920,9 @@ class Optimizer:
     def __init__(self, modules: list[nn.Module], lr: float, cfg: DreamerConfig, device, fused=None):
         self.params, self.clip = [p for m in modules for p in m.parameters()], cfg.grad_clip
         self.fused = device.type == "cuda" if fused is None else fused
-        # Decoupled weight decay shrinks each kernel (not biases or norms) by (1 - wd) per step,
-        # as the official optimisers do; AdamW multiplies it by lr, hence the division.
-        groups = [dict(params=[p for p in self.params if p.ndim >= 2], weight_decay=cfg.weight_decay / lr),
-                  dict(params=[p for p in self.params if p.ndim < 2], weight_decay=0.0)]
-        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=cfg.adam_eps,
+        # Decoupled weight decay shrinks every parameter (biases and norms too: the official
+        # pattern is '.*') by (1 - wd) per step; AdamW multiplies it by lr, hence the division.
+        self.opt = torch.optim.AdamW(self.params, lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay / lr,
                                      **(dict(fused=True) if self.fused else {}))
 
     def step(self, loss: torch.Tensor) -> torch.Tensor:

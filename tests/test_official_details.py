@@ -76,11 +76,13 @@ def test_v1_gru_recurrent_kernel_is_orthogonal():
 
 
 # =================================================================================================
-# The optimiser: the official V2 optimiser shrinks every kernel by (1 - wd) per step, biases not
+# The optimiser: the official optimisers (dreamerv2 common/tfutils.py Optimizer, dreamer tools.py
+# Adam) shrink every variable whose name matches the pattern '.*', so all of them, biases and
+# LayerNorm's too, by (1 - wd) per step, before the Adam step
 # =================================================================================================
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_weight_decay_shrinks_kernels_by_one_minus_wd_per_step(variant, tmp_path, tiny_fields):
+def test_weight_decay_shrinks_every_parameter_by_one_minus_wd_per_step(variant, tmp_path, tiny_fields):
     mod = module(variant)
     cfg = mod.DreamerConfig(**tiny_fields(env="gym/Pendulum-v1", obs="state", weight_decay=0.01,
                                           value_learning_rate=3e-4, logdir=str(tmp_path / "run")))
@@ -95,8 +97,7 @@ def test_weight_decay_shrinks_kernels_by_one_minus_wd_per_step(variant, tmp_path
         zero_loss = 0.0 * sum(p.sum() for p in value.parameters())
         assert opt.step(zero_loss).item() is True          # the step was taken
         for name, p in value.named_parameters():
-            expected = before[name] * (1 - 0.01) if p.ndim >= 2 else before[name]
-            torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(p.detach(), before[name] * (1 - 0.01), rtol=1e-6, atol=1e-7)
     finally:
         agent.close()
 
