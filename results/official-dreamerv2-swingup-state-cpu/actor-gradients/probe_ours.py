@@ -38,10 +38,13 @@ def loss(self, traj):
             s_mean += (gi * torch.sign(d.mean)).sum().item()
             n += gi.numel()
         out += [s_std / n * 1e6, s_mean / n * 1e6]
+        if len(out) == 2:
+            agree = sum((gi * torch.sign(d.mean) > 0).sum().item() for gi, d in zip(g, KEEP["dists"][:-1])) / n
+            mag = sum(gi.abs().sum().item() for gi in g) / n * 1e6
     with torch.no_grad():
         d = self.actor(traj.feat[:-2].detach())
     print("GRADS", calls[0], "reward: std %.3f push %.3f | value: std %.3f push %.3f" % tuple(out),
-          "| std %.3f" % d.std.mean().item(), flush=True)
+          "| std %.3f" % d.std.mean().item(), "agree %.3f mag %.3f" % (agree, mag), flush=True)
     calls[0] += 1
     return orig_loss(self, traj)
 v2.ActorCritic.loss = loss
