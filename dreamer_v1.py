@@ -930,6 +930,7 @@ class DreamerAgent:
         self.pending_updates = self.last_train = self.nonfinite = self.nonfinite_in_row = 0
         self.finite_flags = []                                   # of updates not yet counted
         self.pretrained, self.best_eval, self.stop = False, -math.inf, None
+        self.eval_owed = False             # an evaluation a stop cut short: taken on --resume
         self.should = dict(eval=Every(cfg.eval_every), log=Every(cfg.scalar_freq),
                            save=Every(cfg.checkpoint_interval))
         self.logger, self.console = Logger(self.logdir, cfg), Console(cfg)
@@ -942,6 +943,8 @@ class DreamerAgent:
         cfg = self.cfg
         open_run(self)
         with stop_on_signals(self):
+            if self.eval_owed:
+                self.evaluate_and_log()
             while self.step < cfg.total_steps and not self.stop:
                 self.run_episode()
             save_checkpoint(self)
@@ -1056,7 +1059,7 @@ class DreamerAgent:
         cfg = self.cfg
         if self.eval_env is None:
             self.eval_env = make_env(cfg, seed=cfg.seed + 1)
-        returns = []
+        returns, rng_before = [], rng_states()
         for i in range(cfg.eval_episodes if episodes is None else episodes):
             obs, _ = self.eval_env.reset(seed=episode_seed(cfg.seed + 1, self.evals * 1000 + i))
             state, score, done = None, 0.0, False
@@ -1066,6 +1069,9 @@ class DreamerAgent:
                 score, done = score + reward, terminated or truncated
             if done:
                 returns.append(score)
+        if self.stop:       # cut short: no mean of fewer episodes; the same evaluation runs again
+            set_rng_states(rng_before)             # on --resume, with the same random numbers
+            return float("nan")
         self.evals += 1
         return float(np.mean(returns)) if returns else float("nan")
 
@@ -1073,6 +1079,10 @@ class DreamerAgent:
         """An evaluation inside training: its return, the best weights, the open-loop report."""
         self.console.phase(self, "evaluating")
         score = self.evaluate()
+        self.eval_owed = bool(self.stop)
+        if self.eval_owed:
+            self.console.phase(self, None)
+            return
         if not math.isnan(score):
             self.logger.scalar("eval_return", score)
             if score > self.best_eval:
@@ -1380,16 +1390,28 @@ def counters(agent: DreamerAgent) -> dict:
                 pretrained=agent.pretrained, last_train=agent.last_train,
                 pending_updates=agent.pending_updates, nonfinite_updates=agent.nonfinite,
                 consecutive_nonfinite=agent.nonfinite_in_row, best_eval=agent.best_eval,
+                eval_owed=agent.eval_owed,
                 schedule={k: every.last for k, every in agent.should.items()},
                 replay_next=agent.replay.next_index)
+
+
+def rng_states() -> dict:
+    """The torch random streams that training and acting draw from (CPU, and CUDA if present)."""
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
 def save_checkpoint(agent: DreamerAgent) -> Path:
     """Everything the run needs to continue exactly: weights, optimisers, counters, RNG streams."""
     d, path = agent.dreamer, agent.logdir / "ckpts" / f"ckpt-{agent.step:010d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    rng = dict(torch=torch.get_rng_state(), numpy=agent.rng.bit_generator.state,
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    rng = dict(rng_states(), numpy=agent.rng.bit_generator.state,
                python=list(random.getstate()[1]), python_version=random.getstate()[0])
     save_torch(path, dict(d.header(), model=d.state_dict(), counters=counters(agent), rng=rng,
                           optimizers={k: o.opt.state_dict() for k, o in d.optimizers.items()}))
@@ -1418,13 +1440,11 @@ def resume_run(agent: DreamerAgent) -> None:
     agent.pretrained, agent.last_train, agent.pending_updates = (c["pretrained"], c["last_train"],
                                                                  c["pending_updates"])
     agent.nonfinite, agent.nonfinite_in_row = c["nonfinite_updates"], c["consecutive_nonfinite"]
-    agent.best_eval = c["best_eval"]
+    agent.best_eval, agent.eval_owed = c["best_eval"], c.get("eval_owed", False)
     set_aside_after_checkpoint(agent, c)
     for name, last in c["schedule"].items():
         agent.should[name].last = last
-    torch.set_rng_state(data["rng"]["torch"].cpu())
-    if data["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in data["rng"]["cuda"]])
+    set_rng_states(data["rng"])
     agent.rng.bit_generator.state = data["rng"]["numpy"]
     random.setstate((data["rng"]["python_version"], tuple(data["rng"]["python"]), None))
     print(f"resumed {logdir} at env step {agent.step} from {path}")

@@ -410,6 +410,40 @@ def test_stop_during_a_training_phase_loses_no_updates(variant, base_run, tmp_pa
     assert updates == load_ckpt(variant, checkpoints(base_run(variant))[-1])["counters"]["updates"]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stop_during_an_evaluation_loses_no_evaluation(variant, base_run, tmp_path, capsys,
+                                                       monkeypatch):
+    """A real SIGTERM 40 steps into the evaluation at env step 200 (the end of episode 2): no
+    return of the cut-short evaluation is logged (no mean of fewer episodes), the checkpoint owes
+    it, and --resume runs it first with the same random numbers. The run then reaches bitwise the
+    state and the evaluation returns of the uninterrupted base run (only the open-loop report,
+    which reads replay, differs: episode 2 is stored by then)."""
+    mod, run = module(variant), tmp_path / "run"
+    original, calls = mod.DreamerAgent.act, {"n": 0}
+
+    def act(self, obs, state, explore):
+        if not explore and self.step == 200:
+            calls["n"] += 1
+            if calls["n"] == 40:
+                send_signal_to_self(signal.SIGTERM)
+        return original(self, obs, state, explore)
+
+    monkeypatch.setattr(mod.DreamerAgent, "act", act)
+    rc, out, err = run_main(variant, cli(base_fields(variant, logdir=run)), capsys)
+    assert rc == EXIT_CODE[signal.SIGTERM] and "stopped by SIGTERM at env step 200;" in out, (rc, err)
+    assert calls["n"] == 40
+    assert sum("eval_return" in r for r in metrics(run)) == 1          # the one at 100 only
+    assert load_ckpt(variant, checkpoints(run)[-1])["counters"]["eval_owed"] is True
+    monkeypatch.undo()
+    rc, out, err = run_main(variant, ["--resume", run], capsys)
+    assert rc == 0, err
+    assert_same(final_state(variant, run), final_state(variant, base_run(variant)))
+    resumed, uninterrupted = metric_series(run), metric_series(base_run(variant))
+    assert len(resumed["eval_return"]) == 4 and resumed["eval_return"] == uninterrupted["eval_return"]
+    assert {k: v for k, v in resumed.items() if not k.startswith("openloop")} == \
+        {k: v for k, v in uninterrupted.items() if not k.startswith("openloop")}
+
+
 # =================================================================================================
 # 2. Crash safety: kill -9 at any moment leaves the last complete checkpoint and every completed
 #    episode readable; damaged files are skipped on resume with a warning naming them.
