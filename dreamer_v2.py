@@ -1536,7 +1536,7 @@ def open_run(agent: DreamerAgent) -> None:
         raise ConfigError(f"--logdir '{logdir}' is not writable: {err.strerror}; "
                           f"allowed: a directory you can write to") from None
     cfg.to_yaml(logdir / "config.yaml")
-    agent.logger.open()
+    agent.logger.open(agent.step)
     agent.console.start(agent)
 
 
@@ -1736,7 +1736,9 @@ class Logger:
         self.start = self.start_step = None
         self.history, self.warned = [], set()
 
-    def open(self) -> None:
+    def open(self, step: int) -> None:
+        """Start appending at env step `step`; fps counts env steps from here."""
+        self.start, self.start_step = time.time(), step
         path = self.logdir / "metrics.jsonl"
         if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
             with open(path, "a") as f:           # a line torn by a crash: start on a new line
@@ -1763,8 +1765,6 @@ class Logger:
         if not self.values:
             return None
         now = time.time()
-        if self.start is None:
-            self.start, self.start_step = now, step
         record = {"step": step, **{k: float(np.mean([float(x) for x in v])) for k, v in self.values.items()}}
         record.update(fps=(step - self.start_step) / max(now - self.start, 1e-9), time=now)
         if agent is not None:
