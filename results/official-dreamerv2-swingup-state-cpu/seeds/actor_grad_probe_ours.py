@@ -1,6 +1,6 @@
 """dreamer_v2.py's CLI with a print per update: the actor's raw-output statistics over the imagined
-states its loss used (as the official XPROBE print) and the actor's and critic's gradient norms
-before clipping (the official actor_grad_norm / critic_grad_norm)."""
+states its loss used (as the official XPROBE print) and the actor's, critic's and world model's
+gradient norms before clipping (the official actor_grad_norm / critic_grad_norm / model_grad_norm)."""
 import sys, torch
 sys.path.insert(0, sys.argv.pop(1))
 import dreamer_v2 as d
