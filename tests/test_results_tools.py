@@ -150,3 +150,30 @@ def test_actor_check_prints_a_table_and_refuses_a_directory_without_a_run(tmp_pa
                           timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: '{tmp_path}' is not a run directory (no config.yaml); allowed: a directory written by a run"]
+
+
+@pytest.mark.parametrize("variant", ["dreamer_v1", "dreamer_v2"])
+def test_labels_of_two_close_reference_lines_do_not_overlap(variant):
+    """Two reference lines 35 apart on an axis to 720 under a title of three lines (as random and
+    constant actions in the cartpole-swingup figure): no label's drawn box crosses a reference line
+    or the other label, and each stays beside its own line (within 12 pixels of it)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [{"step": s, "train_return": r} for s, r in [(0, 20.0), (50_000, 150.0), (100_000, 720.0)]]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    refs = {"constant action +1 (75, measured)": 74.8, "uniform random actions (40, measured)": 40.0}
+    module(variant).plot_returns(ax, records, 0, refs)
+    ax.set_title("a title\nof three\nlines", fontsize=9)          # as results/plot.py draws them
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    assert sorted(boxes) == sorted(refs)
+    upper, lower = boxes["constant action +1 (75, measured)"], boxes["uniform random actions (40, measured)"]
+    assert not upper.overlaps(lower), (upper, lower)
+    lines_y = {name: ax.transData.transform((0, value))[1] for name, value in refs.items()}
+    for name, box in boxes.items():
+        assert not any(box.y0 <= y <= box.y1 for y in lines_y.values()), name
+        assert min(abs(box.y0 - lines_y[name]), abs(box.y1 - lines_y[name])) < 12, name
+    plt.close(fig)
