@@ -1691,8 +1691,9 @@ def plot_returns(ax, records, seed_steps=0, references=None, label="") -> None:
     """Training and evaluation returns against env steps (`label` before their names), the
     prefill shaded, `references` ({label: return}) as dashed lines. results/plot.py uses it too."""
     plot_panel(ax, records, PANELS["return"], seed_steps, label)
-    lowest = min((references or {}).values(), default=None)
-    for name, value in (references or {}).items():
+    references = references or {}
+    lowest = min(references.values(), default=None)
+    for name, value in references.items():
         ax.axhline(value, color="gray", linestyle="--", linewidth=1)
         below = len(references) > 1 and value == lowest  # so that two close lines' labels part
         ax.annotate(name, (0.01, value), xycoords=("axes fraction", "data"), fontsize=7,
