@@ -660,7 +660,8 @@ class ActorCritic(nn.Module):
             advantage = (returns[1:] - value[:-2]).detach()
             # No gradient runs back through imagination: only the log-probability's.
             objective = policy.log_prob(traj.action[1:-1].detach()) * advantage
-        entropy = policy.entropy()
+        with torch.set_grad_enabled(cfg.actor_entropy != 0):  # with no bonus, only a metric
+            entropy = policy.entropy()
         objective = objective + cfg.actor_entropy * entropy            # the doc page's eta H[a_t]
         actor_loss = -(weights * objective).mean()                       # Eq. (7)
         critic = self.value(traj.feat[1:-1].detach()).float().squeeze(-1)
