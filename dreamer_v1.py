@@ -660,8 +660,11 @@ class ActorCritic(nn.Module):
             advantage = (returns[1:] - value[:-2]).detach()
             # No gradient runs back through imagination: only the log-probability's.
             objective = policy.log_prob(traj.action[1:-1].detach()) * advantage
-        with torch.set_grad_enabled(cfg.actor_entropy != 0):  # with no bonus, only a metric
-            entropy = policy.entropy()
+        if cfg.actor_entropy or not isinstance(policy, TanhNormal):
+            entropy = policy.entropy()    # in closed form, or a tanh-normal's from 100 draws
+        else:  # no bonus: the tanh-normal's entropy is only a metric, its mean over the states,
+            with torch.no_grad():         # and one draw per state estimates that at 1% of the cost
+                entropy = -policy.log_prob(policy.rsample())
         objective = objective + cfg.actor_entropy * entropy            # the doc page's eta H[a_t]
         actor_loss = -(weights * objective).mean()                       # Eq. (7)
         critic = self.value(traj.feat[1:-1].detach()).float().squeeze(-1)

@@ -808,8 +808,11 @@ class ActorCritic(nn.Module):
             mix = cfg.actor_grad_mix if self.actor_grad == "both" else 0.0     # V2: mix = 1 - rho
             # Pure REINFORCE leaves the returns out: no gradient runs back through imagination.
             objective = reinforce if mix == 0 else mix * returns[1:] + (1 - mix) * reinforce
-        with torch.set_grad_enabled(cfg.actor_entropy != 0):  # with no bonus, only a metric
-            entropy = policy.entropy()
+        if cfg.actor_entropy or not isinstance(policy, TanhNormal):
+            entropy = policy.entropy()    # in closed form, or a tanh-normal's from 100 draws
+        else:  # no bonus: the tanh-normal's entropy is only a metric, its mean over the states,
+            with torch.no_grad():         # and one draw per state estimates that at 1% of the cost
+                entropy = -policy.log_prob(policy.rsample())
         objective = objective + cfg.actor_entropy * entropy              # V2: eta H[a_t | z_t]
         actor_loss = -(weights[:-2] * objective).mean()                  # Eq. (6)
         critic = self.value(traj.feat[:-1].detach()).float().squeeze(-1)  # V2: s_0 too

@@ -297,6 +297,28 @@ def test_v1_actor_and_value_losses_match_a_hand_written_reference(monkeypatch):
     torch.testing.assert_close(value_loss.detach(), expected_value, rtol=1e-5, atol=1e-6)
 
 
+def test_v1_entropy_metric_without_a_bonus_is_the_tanh_normals_entropy():
+    """With no bonus (the paper) the actor's entropy is only logged, estimated from one draw per
+    imagined state. Its mean over the states must still be the tanh-normal's entropy, here by
+    quadrature per action dimension: H[tanh u] = H[u] + E[log(1 - tanh(u)^2)], u ~ N(m, s). (A
+    small initial std keeps tanh(u) off +-1 in float32, where log p(a) has to be clipped.)"""
+    torch.manual_seed(0)
+    model = small_model("dreamer_v1", actor_entropy=0.0, actor_init_std=0.5)
+    traj = imagined_rollout(model, N=3000)
+    metric = model.actor_critic.loss(traj)[2]["actor_entropy"]
+    with torch.no_grad():
+        normal = model.actor_critic.actor(traj.feat[:-2]).normal
+        m, s = normal.mean.double()[..., None], normal.stddev.double()[..., None]
+        z = torch.linspace(-9, 9, 3001, dtype=torch.float64)
+        u = m + s * z
+        log_sech2 = -2 * (u.abs() + torch.log1p(torch.exp(-2 * u.abs())) - math.log(2))
+        expected_log_sech2 = torch.trapezoid(log_sech2 * torch.exp(-z ** 2 / 2) / math.sqrt(2 * math.pi), z)
+        entropy = 0.5 * torch.log(2 * math.pi * math.e * s[..., 0] ** 2) + expected_log_sech2
+        expected = entropy.sum(-1).mean()
+    assert metric.item() == pytest.approx(expected.item(), abs=0.05)
+    assert not metric.requires_grad                     # a metric only: no graph is built for it
+
+
 # =================================================================================================
 # The fallback preset (gym, mujoco, ...): true terminals exist there, so the discount head is on
 # (official V2 `defaults`: pred_discount True); dmc keeps it off
