@@ -382,6 +382,16 @@ def sec(seconds) -> str:
     return "" if seconds is None else f"{seconds:,.1f}"
 
 
+def allocator(args) -> str:
+    """Make the allocator setting a run from the command line makes, unless --malloc-defaults, and
+    say which one the timings ran with."""
+    if args.malloc_defaults:
+        return "glibc's defaults (--malloc-defaults)"
+    if importlib.import_module("dreamer_v2").keep_freed_memory():
+        return "freed memory kept in the process, as the scripts' command line does (keep_freed_memory)"
+    return "the system's own (not glibc, or MALLOC_* / GLIBC_TUNABLES set)"
+
+
 def report(rows, e2e_rows, args, command, load_before, revision) -> str:
     load_after = os.getloadavg()
     lines = [
@@ -389,7 +399,7 @@ def report(rows, e2e_rows, args, command, load_before, revision) -> str:
         f"{torch.device(args.device).type}",
         "",
         f"Device: {device_name(args.device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"Python {platform.python_version()}.",
+        f"Python {platform.python_version()}. Allocator: {args.allocator}.",
         f"Commit {revision} (read at the start); command: `{command}`.",
         f"Load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, after "
         f"{'/'.join(f'{x:.1f}' for x in load_after)} (other jobs share the machine when it exceeds the core count).",
@@ -460,6 +470,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per update median")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="leave glibc's allocator as it is (the scripts' command line keeps freed memory)")
     parser.add_argument("--max-update-seconds", type=float, default=60.0,
                         help="an update slower than this is timed once and not repeated")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end run")
@@ -507,6 +519,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python " + shlex.join(["benchmarks/train_step.py", *(sys.argv[1:] if argv is None else argv)])
     load_before, revision = os.getloadavg(), commit()
+    args.allocator = allocator(args)
     budget, rows, e2e_rows = Budget(args.time_budget), [], []
     for mode in args.modes:                       # mode by mode: a budget cuts the last modes
         for preset in args.presets:

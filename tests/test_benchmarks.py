@@ -84,7 +84,7 @@ def test_train_step_small_cpu(tmp_path):
         assert positive(e2e["bf16"]["env frames/s"]), e2e
     else:
         assert e2e["bf16"]["note"].startswith("skipped")
-    assert "torch " + torch.__version__ in text and "Load average" in text
+    assert "torch " + torch.__version__ in text and "Load average" in text and "Allocator: " in text
 
 
 def test_write_appends_under_heading(tmp_path):

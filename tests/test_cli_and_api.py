@@ -5,9 +5,15 @@ outside the training loop, exploration noise, discrete actions in V1, and V2's o
 """
 
 import importlib.util
+import json
 import math
+import os
+import platform
 import re
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +23,7 @@ import helpers
 from helpers import VARIANTS, module, one_error_line, read_jsonl, run_main, to_cli
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny(variant, **overrides) -> dict:
@@ -244,6 +251,65 @@ def test_ctrl_c_during_set_up_is_one_line(variant, tmp_path, capsys, monkeypatch
     assert rc == 130
     assert "interrupted" in one_error_line(err)
     assert not (tmp_path / "run").exists()                      # nothing was written
+
+
+# =================================================================================================
+# The command line keeps freed memory in the process (glibc): big blocks come from the heap
+# =================================================================================================
+
+HEAP_PROBE = """
+import ctypes, json, sys
+sys.path.insert(0, ".")
+import {variant} as mod
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+
+def heap():                                           # the [heap] mapping's (start, end), from the kernel
+    line = next((line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")), "0-0")
+    return tuple(int(x, 16) for x in line.split()[0].split("-"))
+
+made = mod.keep_freed_memory() if {call} else None
+block = libc.malloc(60 * 2**20)                       # V1's imagined-trajectory layer output: 60 MB
+start, end = heap()
+libc.free(block)
+print(json.dumps(dict(made=made, in_heap=start <= block < end, heap_kept=heap()[1] >= end)))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's allocator only")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_keep_freed_memory_serves_big_blocks_from_the_heap(variant):
+    """Checked against the kernel's map of the process, in a fresh process each (the setting is
+    process-wide): by glibc's default a 60 MB block is a mapping of its own, outside the heap;
+    after keep_freed_memory() it comes from the heap, which keeps its size when the block is
+    freed. With a MALLOC_* variable or GLIBC_TUNABLES (even empty) set by the user, glibc is
+    left as it is."""
+    def probe(call, **env):
+        code = HEAP_PROBE.format(variant=variant, call=call)
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(environ, **env),
+                             capture_output=True, text=True, check=True).stdout
+        return json.loads(out.splitlines()[-1])
+
+    assert probe(False) == dict(made=None, in_heap=False, heap_kept=True)     # glibc's default
+    assert probe(True) == dict(made=True, in_heap=True, heap_kept=True)
+    assert probe(True, MALLOC_ARENA_MAX="2") == dict(made=False, in_heap=False, heap_kept=True)
+    assert probe(True, GLIBC_TUNABLES="") == dict(made=False, in_heap=False, heap_kept=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_command_line_keeps_freed_memory_before_building(variant, tmp_path, capsys, monkeypatch):
+    mod, calls = module(variant), []
+
+    def build_agent(*args, **kwargs):
+        calls.append("agent")
+        raise KeyboardInterrupt                      # stop here: the order is all this test needs
+
+    monkeypatch.setattr(mod, "keep_freed_memory", lambda: calls.append("allocator"))
+    monkeypatch.setattr(mod.DreamerAgent, "__init__", build_agent)
+    rc, _, _ = run_main(variant, to_cli(tiny(variant, logdir=tmp_path / "run")), capsys)
+    assert rc == 130 and calls == ["allocator", "agent"]
 
 
 # =================================================================================================
