@@ -51,6 +51,7 @@ import contextlib
 import copy
 import ctypes
 import difflib
+import functools
 import inspect
 import io
 import json
@@ -160,7 +161,7 @@ class DreamerConfig:
     enable_wandb: bool = False         # also log to Weights & Biases (pip install wandb)
     max_nonfinite_updates: int = 20    # consecutive NaN/Inf updates before training stops
     # --- Speed: the same code, executed differently
-    precision: int = 16                # 16 = bf16 autocast where native (CUDA, recent CPUs), else 32
+    precision: int = 16                # 16 = bf16 autocast where native and faster, else 32
     compile: bool = False              # torch.compile each network and the RSSM's step functions
 
     def __init__(self, **given):
@@ -959,11 +960,11 @@ class Dreamer(nn.Module):
         self.actor_critic.update_slow_critic()                # V2: the slow critic starts equal
         self.device = torch.device(device)
         self.to(self.device)
-        fast, why = bf16_is_fast(self.device)
-        if cfg.precision == 16 and not fast:  # said once; config.yaml records what runs
-            print(f"note: precision 16 runs as precision 32: {why}, and emulated bf16 is "
-                  f"slower than fp32")
-            cfg.precision = 32
+        if cfg.precision == 16:
+            fast, why = bf16_is_fast(self.device)
+            if not fast:  # said once; config.yaml records what runs
+                print(f"note: precision 16 runs as precision 32: {why}")
+                cfg.precision = 32
         wm, ac = self.world_model, self.actor_critic
         self.optimizers = dict(model=Optimizer([wm], cfg.model_learning_rate, cfg, self.device),
                                actor=Optimizer([ac.actor], cfg.actor_learning_rate, cfg, self.device),
@@ -1416,19 +1417,55 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def bf16_is_fast(device: torch.device) -> tuple[bool, str]:
+def bf16_is_native(device: torch.device) -> tuple[bool, str]:
     """(whether `device` computes bf16 natively, why not). GPUs from Ampere on and CPUs with bf16
     matrix instructions (x86 AVX-512 BF16 or AMX, ARM BF16) do; elsewhere bf16 is emulated in
     software, which is slower than fp32."""
     try:
         if device.type == "cuda":
-            return torch.cuda.is_bf16_supported(including_emulation=False), "this GPU has no native bf16"
+            return (torch.cuda.is_bf16_supported(including_emulation=False),
+                    "this GPU has no native bf16, and emulated bf16 is slower than fp32")
         if platform.machine().lower() in ("arm64", "aarch64"):
-            return torch.ops.mkldnn._is_mkldnn_bf16_supported(), "this CPU has no native bf16"
+            return (torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    "this CPU has no native bf16, and emulated bf16 is slower than fp32")
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except (AttributeError, RuntimeError):  # a torch build without these checks
         native = False
-    return native, "this CPU has no native bf16 (AVX-512 BF16 or AMX)"
+    return native, "this CPU has no native bf16 (AVX-512 BF16 or AMX), and emulated bf16 is slower than fp32"
+
+
+@functools.cache
+def bf16_is_fast(device: torch.device) -> tuple[bool, str]:
+    """(whether `precision: 16` pays on `device`, why not). bf16 must be native, and on a CPU one
+    bf16 matrix product of the dmc presets' hidden layers (16 x 50 rows, 400 units) must be at
+    least 1.2 times as fast as in fp32; closer than that, fp32 keeps its precision. Native is not
+    enough on a CPU: with AVX-512 BF16, bf16 was 2x faster than fp32 on an AMD EPYC and 2x slower
+    on an Intel Xeon, whose fp32 products run on Intel's MKL. Timed once per process (~0.1 s)."""
+    native, why = bf16_is_native(device)
+    if not native or device.type != "cpu":
+        return native, why
+    seconds = matmul_seconds()
+    fp32, bf16 = seconds[torch.float32], seconds[torch.bfloat16]
+    if 1.2 * bf16 > fp32:
+        return False, (f"bf16 is not faster than fp32 on this CPU (one 800x400 by 400x400 matrix "
+                       f"product: bf16 {bf16 * 1e3:.2f} ms, fp32 {fp32 * 1e3:.2f} ms)")
+    return True, ""
+
+
+def matmul_seconds(rows: int = 800, width: int = 400, rounds: int = 10) -> dict:
+    """{dtype: the fastest of `rounds` (rows x width) @ (width x width) products}, fp32 and bf16
+    taking turns, after one untimed round. Its own generator: the run's random stream is untouched."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(rows, width, generator=gen), torch.randn(width, width, generator=gen)
+    operands = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
+    best = dict.fromkeys(operands, math.inf)
+    for round_ in range(rounds + 1):
+        for dtype, (x, y) in operands.items():
+            start = time.perf_counter()
+            x @ y
+            if round_:
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best
 
 
 def keep_freed_memory() -> bool:

@@ -20,9 +20,10 @@ installed), its replay is filled with synthetic episodes, and then
                 (one update per `train_every` = 64 frames): env frames/s after the prefill.
 
 Modes are config flags only (the model code is the same): eager (precision 32, the reference), bf16
-(precision 16: bf16 autocast, on CUDA and on CPUs with native bf16; skipped on other CPUs, where
-precision 16 runs as fp32), compile (compile true), bf16+compile. "vs eager" is the eager update's
-time over this mode's, measured in the same run. Each time is the
+(precision 16: bf16 autocast, on CUDA and on CPUs with native bf16, also where the scripts' speed
+check runs precision 16 as fp32, which the row's note says; skipped on CPUs without native bf16),
+compile (compile true), bf16+compile. "vs eager" is the eager update's time over this mode's,
+measured in the same run. Each time is the
 median of `--repeats` calls after `--warmup` calls (compilation happens in the warm-up and is
 reported as "first call"); on CUDA every timing is wrapped in torch.cuda.synchronize().
 The modes run one after another in the order given, by default cheapest first (each mode: every
@@ -134,11 +135,12 @@ def build_agent(preset: str, mode: str, small: bool, device: str, logdir: str, *
     cfg = module.DreamerConfig(**config_fields(preset, mode, small, device, logdir, **extra))
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return module.DreamerAgent(cfg), ""
+            agent, note = module.DreamerAgent(cfg), ""
     except common.EnvError as err:
         with stand_in_env(module, preset):
             agent = module.DreamerAgent(cfg)
-        return agent, f"stand-in env ({str(err).split(':')[0]})"
+        note = f"stand-in env ({str(err).split(':')[0]})"
+    return agent, "; ".join(n for n in (note, force_bf16(agent, mode)) if n)
 
 
 def fill_replay(agent, episodes: int = 4, length: int | None = None) -> None:
@@ -299,6 +301,7 @@ def run_e2e(mode: str, args) -> dict:
         except common.EnvError as err:
             row["note"] = f"skipped: {str(err).split(':')[0]}"
             return row
+        forced = force_bf16(agent, mode)
         marks, train_batch = [], agent.train_batch
 
         def counted_train_batch():
@@ -326,7 +329,7 @@ def run_e2e(mode: str, args) -> dict:
         cycles = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(marks[warm:], marks[warm + 1:])]
         row.update(prefill_frames=marks[0][1], frames=s1 - s0, updates=updates,
                    fps=(s1 - s0) / (t1 - t0), cycle_fps=statistics.median(cycles),
-                   slowest_fps=min(cycles), first_update=marks[0][0] - start, note="")
+                   slowest_fps=min(cycles), first_update=marks[0][0] - start, note=forced)
     return row
 
 
@@ -366,8 +369,17 @@ def commit() -> str:
 
 
 def bf16_native(device) -> bool:
-    """Whether precision 16 runs bf16 on `device` (the scripts' own check)."""
-    return importlib.import_module("dreamer_v2").bf16_is_fast(torch.device(device))[0]
+    """Whether `device` computes bf16 natively (the scripts' own check)."""
+    return importlib.import_module("dreamer_v2").bf16_is_native(torch.device(device))[0]
+
+
+def force_bf16(agent, mode: str) -> str:
+    """A bf16 mode measures bf16 wherever it is native, also where the scripts' own speed check
+    has made precision 16 run as fp32 (bf16 not faster there); the row's note says so."""
+    if "bf16" not in mode or agent.cfg.precision == 16:
+        return ""
+    agent.cfg.precision = 16
+    return "bf16 forced: the scripts run precision 16 as fp32 here (bf16 not faster than fp32)"
 
 
 def ms(seconds) -> str:

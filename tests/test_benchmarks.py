@@ -165,3 +165,20 @@ def test_env_speed_smoke(tmp_path):
         frames = float(row["env steps/s"].replace(",", ""))
         agent = float(row["agent steps/s"].replace(",", ""))
         assert frames == pytest.approx(agent * int(row["action repeat"]), rel=0.01), row
+
+
+def test_bf16_rows_run_bf16_where_the_scripts_would_run_fp32(tmp_path, monkeypatch):
+    """Where bf16 is native but the scripts' speed check runs precision 16 as fp32, a bf16 row
+    still measures bf16 (its autocast is on) and its note says so; an eager row stays fp32."""
+    bench = load_benchmark()
+    v2 = importlib.import_module("dreamer_v2")
+    monkeypatch.setattr(v2, "bf16_is_fast", lambda device: (False, "bf16 is not faster than fp32"))
+    for mode, precision in (("bf16", 16), ("eager", 32)):
+        agent, note = bench.build_agent("v2-dmc-state", mode, True, "cpu", str(tmp_path / mode))
+        try:
+            assert agent.cfg.precision == precision
+            assert ("bf16 forced" in note) == (mode == "bf16"), note
+            with agent.dreamer.autocast():
+                assert torch.is_autocast_enabled("cpu") == (mode == "bf16")
+        finally:
+            agent.close()

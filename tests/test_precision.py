@@ -1,8 +1,11 @@
-"""Mixed precision (`precision: 16`): bf16 autocast on CUDA and on CPUs with native bf16, fp32
-everywhere else. What must hold whatever the hardware: bf16 changes only the matrix products, so
-one update agrees with fp32 from the same weights and batch; the distributions, the lambda-returns
-and the losses are computed in fp32; no parameter or optimiser state ever becomes bf16."""
+"""Mixed precision (`precision: 16`): bf16 autocast on CUDA and on CPUs with native bf16 where a
+bf16 matrix product is faster than fp32, fp32 everywhere else. What must hold whatever the
+hardware: bf16 changes only the matrix products, so one update agrees with fp32 from the same
+weights and batch; the distributions, the lambda-returns and the losses are computed in fp32; no
+parameter or optimiser state ever becomes bf16; the choice between bf16 and fp32 follows the
+native check and the timed products (set by hand here, so no test depends on this machine)."""
 
+import inspect
 import math
 
 import numpy as np
@@ -121,4 +124,63 @@ def test_precision_16_without_native_bf16_runs_fp32_and_says_so(tmp_path, monkey
     assert "precision: 32" in (tmp_path / "config.yaml").read_text()
     with agent.dreamer.autocast():
         assert not torch.is_autocast_enabled("cpu")
+    agent.close()
+
+
+def probe_with(mod, monkeypatch, native: bool, fp32_ms: float, bf16_ms: float) -> list:
+    """`bf16_is_fast` uncached, with the native check and the timed products set by hand; returns
+    the list that counts the timings."""
+    timed = []
+
+    def matmul_seconds():
+        timed.append(1)
+        return {torch.float32: fp32_ms / 1e3, torch.bfloat16: bf16_ms / 1e3}
+    monkeypatch.setattr(mod, "bf16_is_native", lambda device: (native, "this CPU has no native bf16"))
+    monkeypatch.setattr(mod, "matmul_seconds", matmul_seconds)
+    monkeypatch.setattr(mod, "bf16_is_fast", inspect.unwrap(mod.bf16_is_fast))
+    return timed
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_is_used_where_native_and_at_least_1_2_times_faster(variant, monkeypatch):
+    mod, cpu = module(variant), torch.device("cpu")
+    timed = probe_with(mod, monkeypatch, native=True, fp32_ms=1.0, bf16_ms=0.5)    # 2x: AMD EPYC
+    assert mod.bf16_is_fast(cpu) == (True, "") and timed == [1]
+    probe_with(mod, monkeypatch, native=True, fp32_ms=1.0, bf16_ms=0.9)            # 1.11x: too close
+    fast, why = mod.bf16_is_fast(cpu)
+    assert not fast and "not faster than fp32" in why and "bf16 0.90 ms, fp32 1.00 ms" in why
+    probe_with(mod, monkeypatch, native=True, fp32_ms=1.3, bf16_ms=2.6)            # 0.5x: Intel Xeon
+    assert not mod.bf16_is_fast(cpu)[0]
+    timed = probe_with(mod, monkeypatch, native=False, fp32_ms=1.0, bf16_ms=0.1)
+    assert mod.bf16_is_fast(cpu) == (False, "this CPU has no native bf16") and timed == []
+    timed = probe_with(mod, monkeypatch, native=True, fp32_ms=1.0, bf16_ms=9.0)
+    assert mod.bf16_is_fast(torch.device("cuda")) == (True, "this CPU has no native bf16")
+    assert timed == []                                       # a GPU is not timed: native suffices
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_timed_products_leave_the_runs_random_stream_alone(variant):
+    mod = module(variant)
+    torch.manual_seed(0)
+    want = torch.rand(4)
+    torch.manual_seed(0)
+    seconds = mod.matmul_seconds(rows=16, width=8, rounds=2)
+    assert torch.equal(torch.rand(4), want)
+    assert set(seconds) == {torch.float32, torch.bfloat16}
+    assert all(0 < s < math.inf for s in seconds.values())
+
+
+def test_precision_16_where_bf16_is_slower_runs_fp32_and_says_why(tmp_path, monkeypatch, capsys):
+    mod = module("dreamer_v2")
+    small = dict(env="gym/Pendulum-v1", obs="state", device="cpu", num_units=16, deter_size=16,
+                 hidden_size=16, stoch_size=4, num_categories=4)
+    timed = probe_with(mod, monkeypatch, native=True, fp32_ms=1.3, bf16_ms=2.6)
+    agent = mod.DreamerAgent(mod.DreamerConfig(precision=16, logdir=str(tmp_path / "a"), **small))
+    assert "precision 16 runs as precision 32: bf16 is not faster than fp32" in capsys.readouterr().out
+    assert agent.cfg.precision == 32 and timed == [1]
+    with agent.dreamer.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    agent.close()
+    agent = mod.DreamerAgent(mod.DreamerConfig(precision=32, logdir=str(tmp_path / "b"), **small))
+    assert timed == [1] and "precision 16" not in capsys.readouterr().out    # fp32: nothing timed
     agent.close()

@@ -26,8 +26,10 @@ RECORDED = json.loads(DATA.read_text())
 
 @pytest.mark.parametrize("variant,obs,precision", CASES)
 def test_same_trace_as_recorded(variant, obs, precision):
-    if precision == 16 and not module(variant).bf16_is_fast(torch.device("cpu"))[0]:
-        pytest.skip("this CPU has no native bf16: precision 16 runs as fp32 here")
+    if precision == 16:
+        fast, why = module(variant).bf16_is_fast(torch.device("cpu"))
+        if not fast:
+            pytest.skip(f"precision 16 runs as fp32 here: {why}")
     want, got = RECORDED[case_name(variant, obs, precision)], run_in_subprocess(variant, obs, precision)
     rel, abs_ = 1e-4, 1e-6
     if precision == 16 and got["bf16_kernels"] != want["bf16_kernels"]:
