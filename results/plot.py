@@ -9,6 +9,7 @@ prefill shaded, drawn by the scripts' own `plot_returns`. run.json may add
 - "compare": {label: subfolder}: several runs of the same recipe in one figure (e.g. fp32, bf16).
 """
 
+import argparse
 import json
 import sys
 import textwrap
@@ -60,7 +61,15 @@ def draw(run: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    runs = [Path(a) for a in (argv or [])] or sorted(p.parent for p in ROOT.glob("*/run.json"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="*", type=Path, metavar="RUN",
+                        help="run directories with a run.json (default: every one under results/)")
+    args = parser.parse_args(argv or [])
+    runs = args.runs or sorted(p.parent for p in ROOT.glob("*/run.json"))
+    missing = [str(run) for run in runs if not (run / "run.json").is_file()]
+    if missing:
+        parser.error(f"RUN must be a directory with a run.json; not one: {', '.join(missing)}")
     for run in runs:
         print(draw(run))
     return 0

@@ -63,6 +63,18 @@ def test_a_directory_without_metrics_is_one_error_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_plot_names_a_run_without_run_json_and_draws_nothing(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    proc = subprocess.run([sys.executable, str(ROOT / "results" / "plot.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"plot.py: error: RUN must be a directory with a run.json; not one: {tmp_path}")
+    assert not (tmp_path / "curve.png").exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "results" / "plot.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "run directories with a run.json" in proc.stdout
+
+
 def test_imagination_check_sets_the_simulator_to_a_stored_state(tmp_path, capsys):
     """The true returns come from a fresh dm_control cartpole set to a stored state: replaying the
     stored actions from there must give back the stored rewards (the physics is deterministic), and
