@@ -1,7 +1,9 @@
 """A regression trace of the training code: every loss of the first 20 updates and a digest of
 the final weights, for a tiny configuration on a real environment (dm_control cartpole-balance),
 fixed seed, CPU, one thread: fp32 for V1 and V2 from states and pixels, and bf16 autocast
-(`precision 16`, the CPU runs' setting) for both from states.
+(`precision 16`, the CPU runs' setting) for both from states. Each trace reports the precision its
+run chose (its config.yaml): where precision 16 runs as fp32 (bf16 not native, or not faster),
+the bf16 cases are skipped, and `--write` refuses to record them.
 
 This is the one kind of test here that compares the code with its own earlier output: it does not
 say the numbers are right (the math tests do that), it says that a change meant to keep behaviour
@@ -58,24 +60,33 @@ def weights_digest(state: dict) -> str:
 
 def trace(variant: str, obs: str, precision: int) -> dict:
     """Run the tiny configuration in this process and read back what it wrote."""
+    import contextlib
     import importlib
+    import io
 
     import torch
+    import yaml
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
     module = importlib.import_module(variant)
     with tempfile.TemporaryDirectory() as tmp:
         logdir = Path(tmp) / "run"
         args = [f"--{k}={v}" for k, v in fields(variant, obs, precision).items()] + [f"--logdir={logdir}"]
-        rc = module.main(args)
+        console = io.StringIO()
+        with contextlib.redirect_stdout(console):
+            rc = module.main(args)
         if rc != 0:
             raise RuntimeError(f"{variant} {obs} {precision}: main() returned {rc}")
+        ran = yaml.safe_load((logdir / "config.yaml").read_text())["precision"]    # what ran
+        note = next((line for line in console.getvalue().splitlines()
+                     if line.startswith("note: precision")), "")
         records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
         updates = [{k: r[k] for k in LOSSES if k in r} for r in records if "model_loss" in r]
         ckpt = sorted((logdir / "ckpts").glob("ckpt-*.pt"))[-1]
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
     tensors = [t.double() for t in state.values() if isinstance(t, torch.Tensor)]
     return dict(updates=updates, weights=weights_digest(state), bf16_kernels=bf16_kernels(),
+                precision_ran=ran, precision_note=note,
                 parameters=int(sum(t.numel() for t in tensors)),
                 abs_sum=float(sum(t.abs().sum() for t in tensors)),
                 square_sum=float(sum((t ** 2).sum() for t in tensors)))
@@ -114,7 +125,12 @@ def run_in_subprocess(variant: str, obs: str, precision: int) -> dict:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write"]:
         DATA.parent.mkdir(exist_ok=True)
-        result = {case_name(*case): run_in_subprocess(*case) for case in CASES}
+        runs = {case: run_in_subprocess(*case) for case in CASES}
+        fell_back = [case for case, r in runs.items() if r["precision_ran"] != case[2]]
+        if fell_back:                     # a bf16 case that ran as fp32 is no bf16 trace
+            sys.exit(f"not written: {', '.join(case_name(*case) for case in fell_back)} ran as fp32 "
+                     f"here ({runs[fell_back[0]]['precision_note']}); write the trace where bf16 runs")
+        result = {case_name(*case): r for case, r in runs.items()}
         DATA.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {DATA}")
     else:

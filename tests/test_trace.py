@@ -16,8 +16,6 @@ import json
 import math
 
 import pytest
-import torch
-from helpers import module
 
 from regression_trace import CASES, DATA, case_name, run_in_subprocess
 
@@ -26,11 +24,10 @@ RECORDED = json.loads(DATA.read_text())
 
 @pytest.mark.parametrize("variant,obs,precision", CASES)
 def test_same_trace_as_recorded(variant, obs, precision):
-    if precision == 16:
-        fast, why = module(variant).bf16_is_fast(torch.device("cpu"))
-        if not fast:
-            pytest.skip(f"precision 16 runs as fp32 here: {why}")
     want, got = RECORDED[case_name(variant, obs, precision)], run_in_subprocess(variant, obs, precision)
+    if precision == 16 and got["precision_ran"] != 16:   # the run's own choice, from its config.yaml
+        pytest.skip(f"precision 16 ran as fp32 here ({got['precision_note']})")
+    assert got["precision_ran"] == precision
     rel, abs_ = 1e-4, 1e-6
     if precision == 16 and got["bf16_kernels"] != want["bf16_kernels"]:
         rel, abs_ = 1e-1, 1e-2
