@@ -1444,15 +1444,16 @@ def bf16_is_fast(device: torch.device) -> tuple[bool, str]:
     native, why = bf16_is_native(device)
     if not native or device.type != "cpu":
         return native, why
-    seconds = matmul_seconds()
+    rows, width = 800, 400
+    seconds = matmul_seconds(rows, width)
     fp32, bf16 = seconds[torch.float32], seconds[torch.bfloat16]
     if 1.2 * bf16 > fp32:
-        return False, (f"bf16 is not faster than fp32 on this CPU (one 800x400 by 400x400 matrix "
-                       f"product: bf16 {bf16 * 1e3:.2f} ms, fp32 {fp32 * 1e3:.2f} ms)")
+        return False, (f"bf16 is not faster than fp32 on this CPU (one {rows}x{width} by {width}x{width} "
+                       f"matrix product: bf16 {bf16 * 1e3:.2f} ms, fp32 {fp32 * 1e3:.2f} ms)")
     return True, ""
 
 
-def matmul_seconds(rows: int = 800, width: int = 400, rounds: int = 10) -> dict:
+def matmul_seconds(rows: int, width: int, rounds: int = 10) -> dict:
     """{dtype: the fastest of `rounds` (rows x width) @ (width x width) products}, fp32 and bf16
     taking turns, after one untimed round. Its own generator: the run's random stream is untouched."""
     gen = torch.Generator().manual_seed(0)

@@ -132,7 +132,7 @@ def probe_with(mod, monkeypatch, native: bool, fp32_ms: float, bf16_ms: float) -
     the list that counts the timings."""
     timed = []
 
-    def matmul_seconds():
+    def matmul_seconds(rows, width):
         timed.append(1)
         return {torch.float32: fp32_ms / 1e3, torch.bfloat16: bf16_ms / 1e3}
     monkeypatch.setattr(mod, "bf16_is_native", lambda device: (native, "this CPU has no native bf16"))
